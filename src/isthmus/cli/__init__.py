@@ -1,0 +1,1 @@
+"""The ``isthmus`` command line: one module per command, loaded lazily by ``main``."""

@@ -1,0 +1,1 @@
+"""Value types shared by every part of Isthmus: names, identities, errors."""
