@@ -1,0 +1,1 @@
+"""Gateway API kinds (Gateway, HTTPRoute) as typed dataclasses."""

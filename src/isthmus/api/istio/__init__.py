@@ -1,0 +1,1 @@
+"""Istio API kinds (networking, security, telemetry) as typed dataclasses."""

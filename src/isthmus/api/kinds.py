@@ -1,0 +1,3 @@
+"""Imports every kind module so their ``register_kind`` calls populate ``meta.KINDS``."""
+
+from isthmus.api.istio import networking  # noqa: F401

@@ -1,0 +1,1 @@
+"""Kubernetes core kinds used by the mesh (Namespace, Service, Pod, Deployment, ...)."""
