@@ -1,1 +1,1 @@
-"""controlplane/model."""
+"""The mesh model: services, endpoints, workloads, policies, and the proxy asking."""
