@@ -8,7 +8,7 @@ every error with its field path and line in a ``ConvertContext`` and returns the
 value it could build, so a user sees all mistakes at once.
 
 Supported annotations: str, int, float, bool, timedelta (Istio/Go duration strings),
-tuple[T, ...], dict[str, T], Optional/``T | None``, ``int | str``, Literal[...],
+tuple[T, ...], dict[str, T], dict[int, T] (numeric keys; quoted numbers accepted), Optional/``T | None``, ``int | str``, Literal[...],
 str Enums, nested dataclasses, and ``Any`` (kept as plain data, for free-form parts).
 """
 
@@ -200,6 +200,13 @@ def _convert(tp: Any, value: Any, ctx: ConvertContext, path: str, line: int) -> 
             if key_tp is str and not isinstance(k, str):
                 ctx.error(f"{path}.{k}", kline, f"map keys must be strings, got {_kind_of(k)} {k!r}")
                 k = str(k)
+            elif key_tp is int and not (isinstance(k, int) and not isinstance(k, bool)):
+                # Proto maps keyed by uint32 (e.g. portLevelMtls): YAML may quote the key.
+                if isinstance(k, str) and k.strip().isdigit():
+                    k = int(k)
+                else:
+                    ctx.error(f"{path}.{k}", kline, f"map keys must be integers, got {_kind_of(k)} {k!r}")
+                    continue
             out[k] = _convert(val_tp, v, ctx, f"{path}.{k}", kline)
         return out
     if origin is Literal:
