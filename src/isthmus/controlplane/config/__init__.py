@@ -1,1 +1,1 @@
-"""controlplane/config."""
+"""Config store and its sources (watched directory, control-plane API)."""
