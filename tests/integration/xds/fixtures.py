@@ -93,6 +93,19 @@ class AdsClient:
         self.call = stub.DeltaAggregatedResources() if delta else stub.StreamAggregatedResources()
         self.node = node(node_id) if node_id else node()
         self._sent_node = False
+        # Reads happen in one task: cancelling a grpc.aio read would cancel the call.
+        self.responses: asyncio.Queue[object] = asyncio.Queue()
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                msg = await self.call.read()
+                await self.responses.put(msg)
+                if msg is grpc.aio.EOF:
+                    return
+        except Exception as e:  # noqa: BLE001 - surfaced to the test through recv()
+            await self.responses.put(e)
 
     def _with_node(self, req):  # type: ignore[no-untyped-def]
         if not self._sent_node:
@@ -139,9 +152,11 @@ class AdsClient:
         await self.call.write(self._with_node(req))
 
     async def recv(self, timeout: float = TIMEOUT):  # type: ignore[no-untyped-def]
-        msg = await asyncio.wait_for(self.call.read(), timeout)
+        msg = await asyncio.wait_for(self.responses.get(), timeout)
         if msg is grpc.aio.EOF:
             raise EOFError("stream ended")
+        if isinstance(msg, Exception):
+            raise msg
         return msg
 
     async def ack(self, resp, names: Iterable[str] = ()) -> None:  # type: ignore[no-untyped-def]
@@ -153,13 +168,14 @@ class AdsClient:
     async def expect_silence(self, timeout: float = 0.3) -> None:
         """Assert no response arrives within ``timeout`` (used only to prove absence)."""
         try:
-            msg = await asyncio.wait_for(self.call.read(), timeout)
+            msg = await asyncio.wait_for(self.responses.get(), timeout)
         except asyncio.TimeoutError:
             return
         raise AssertionError(f"unexpected response: {msg}")
 
     async def close(self) -> None:
         self.call.cancel()
+        self._reader.cancel()
 
 
 def names_of(resp) -> list[str]:  # type: ignore[no-untyped-def]
@@ -184,3 +200,42 @@ def _decode(any_msg):  # type: ignore[no-untyped-def]
     m = cls()
     any_msg.Unpack(m)
     return m
+
+
+class Serving:
+    """A started XdsServer on 127.0.0.1:0 with one client channel; use ``async with``."""
+
+    def __init__(self, provider=None, cache=None):  # type: ignore[no-untyped-def]
+        from isthmus.controlplane.xds.cache import SnapshotCache
+        from isthmus.controlplane.xds.server import XdsServer
+
+        self.cache = cache or SnapshotCache()
+        self.server = XdsServer(self.cache, provider, 0, "127.0.0.1")
+        self.channel: grpc.aio.Channel | None = None
+
+    async def __aenter__(self) -> "Serving":
+        port = await self.server.start()
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.channel is not None
+        await self.channel.close()
+        await self.server.stop(0)
+
+    def client(self, *, delta: bool = False, node_id: str | None = None) -> AdsClient:
+        assert self.channel is not None
+        return AdsClient(self.channel, delta=delta, node_id=node_id)
+
+
+async def until(predicate, timeout: float = TIMEOUT, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    """Wait until ``predicate()`` is true, checking each loop turn (bounded by ``timeout``)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+NODE = "sidecar~10.0.0.5~productpage.default~default.svc.cluster.local"
