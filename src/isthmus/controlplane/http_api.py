@@ -2,8 +2,7 @@
 
 - ``POST /apis/apply`` and ``POST /apis/delete``: body is YAML text (``X-Filename`` names
   the file for messages); the reply is JSON (see ``config.api.ApiResult``).
-- ``GET /debug/syncz``: every connected proxy's per-type sync status (proxy-status).
-- ``GET /debug/config_dump?proxyID=ID``: the xDS a proxy is being served, as JSON.
+- ``GET /debug/syncz``, ``/debug/config_dump?proxyID=ID``: served by ``xds.debug``.
 - ``GET /debug/configz``: the resources currently served; ``/debug/diagnostics``: errors
   and warnings from the config sources (what a bad edit did).
 - ``GET /ready``: 200 once serving.
@@ -20,9 +19,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from google.protobuf import json_format
-
 from isthmus.controlplane.config.api import apply_text, delete_text
+from isthmus.controlplane.xds import debug
 
 if TYPE_CHECKING:
     from isthmus.controlplane.app import ControlPlane
@@ -89,10 +87,10 @@ class ControlPlaneHttp:
         body = await reader.readexactly(length) if length else b""
         url = urlsplit(target)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        return await self.route(method, url.path, query, headers, body)
+        return await self.route(method, target, url.path, query, headers, body)
 
     async def route(
-        self, method: str, path: str, query: dict[str, str], headers: dict[str, str], body: bytes
+        self, method: str, target: str, path: str, query: dict[str, str], headers: dict[str, str], body: bytes
     ) -> tuple[int, bytes, str]:
         cp = self.cp
         if path in ("/apis/apply", "/apis/delete"):
@@ -110,18 +108,6 @@ class ControlPlaneHttp:
             return _json(405, {"error": "use GET"})
         if path == "/ready":
             return 200, b"ok\n", "text/plain"
-        if path == "/debug/syncz":
-            return _json(200, cp.cache.snapshot_status())
-        if path == "/debug/config_dump":
-            proxy_id = query.get("proxyID", "")
-            snap = cp.cache.get(proxy_id)
-            if snap is None:
-                return _json(404, {"error": f"no config for proxy {proxy_id!r}", "known": cp.cache.node_ids()})
-            dump = {
-                url: {name: json_format.MessageToDict(msg) for name, msg in sorted(by_name.items())}
-                for url, by_name in snap.resources.items()
-            }
-            return _json(200, dump)
         if path == "/debug/configz":
             return _json(200, [
                 {"kind": r.kind, "apiVersion": r.api_version, "namespace": r.namespace, "name": r.name,
@@ -134,6 +120,10 @@ class ControlPlaneHttp:
             return _json(200, {"configVersion": cp.store.version, "pushes": cp.pushes,
                                "lastPushMs": round(cp.last_push_seconds * 1000, 1),
                                "proxies": len(cp.server_status_nodes())})
+        if path.startswith("/debug"):
+            # syncz and config_dump: the xDS layer's own debug routes
+            code, data = debug.handle(cp.cache, target)
+            return _json(code, data)
         return _json(404, {"error": f"no such endpoint {path}"})
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: each runs Isthmus and (where there is one) a peer in the same invocation."""
