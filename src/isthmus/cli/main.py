@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "bootstrap": "isthmus.cli.bootstrap:bootstrap",
     "iptables": "isthmus.cli.iptables:iptables",
     "proxy": "isthmus.cli.proxy:proxy",
+    "demo": "isthmus.cli.demo:demo",
 }
 
 
