@@ -239,3 +239,14 @@ async def until(predicate, timeout: float = TIMEOUT, what: str = "condition") ->
 
 
 NODE = "sidecar~10.0.0.5~productpage.default~default.svc.cluster.local"
+
+
+def subscription(cache, short: str, node_id: str = NODE) -> str | None:  # type: ignore[no-untyped-def]
+    """The server's view of a stream's subscription for one type (from status)."""
+    for row in cache.snapshot_status():
+        if row["node_id"] != node_id:
+            continue
+        for t in row["types"]:
+            if t["type"] == short:
+                return t["subscription"]
+    return None
