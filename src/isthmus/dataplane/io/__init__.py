@@ -1,0 +1,1 @@
+"""The data plane's only socket/asyncio code: listeners, relays, pools, TLS, sockopts."""
