@@ -3,8 +3,8 @@
 Apply, per address family:
   1. read the current rules (``iptables-save``);
   2. plan a ``Removal`` per table: every rule in a built-in chain that jumps to a chain we
-     own, every built-in-chain rule of this rule set that is already present (``-C``), and
-     every owned chain that exists;
+     own or carries our owner comment (``-m comment --comment isthmus-capture``, put on our
+     other built-in-chain rules), and every owned chain that exists;
   3. render removal + installation as one iptables-restore transaction per table
      (``--noflush``: other software's rules stay) and run it.
 Applying twice therefore yields the same state, and an earlier config's leftovers (a
@@ -18,14 +18,12 @@ takes out exactly our chains and our rules in built-in chains, nothing else.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from isthmus.capture.executor import Executor
 from isthmus.capture.render import Removal, render_restore
 from isthmus.capture.rules import Family, ParsedTable, Rule, RuleSet, is_builtin, parse_rules_text
-
-CheckFn = Callable[[str, str, Rule], bool]
 
 _MAX_RULE_DELETES = 16  # bound on `ip rule del` loops (duplicates from crashed runs)
 
@@ -39,8 +37,7 @@ class ApplyResult:
 
 
 def plan_removals(ruleset: RuleSet, family: Family,
-                  state: Mapping[str, ParsedTable] | None = None,
-                  check: CheckFn | None = None) -> dict[str, Removal]:
+                  state: Mapping[str, ParsedTable] | None = None) -> dict[str, Removal]:
     """What to remove from each table before installing (or on cleanup).
 
     With ``state=None`` assume the rule set is installed exactly (used by ``--dry-run``).
@@ -58,20 +55,8 @@ def plan_removals(ruleset: RuleSet, family: Family,
         for chain, rules in current.chains.items():
             if not is_builtin(chain):
                 continue
-            for args in rules:
-                rule = Rule(args)
-                if rule.target in owned:
-                    deletes.append((chain, rule))
-        desired = ruleset.table(family, name)
-        if desired is not None and check is not None:
-            for chain in desired.chains:
-                if not chain.builtin:
-                    continue
-                for rule in chain.rules:
-                    if rule.target in owned:
-                        continue  # found above from the saved text
-                    if check(name, chain.name, rule):
-                        deletes.append((chain.name, rule))
+            deletes.extend((chain, Rule(args)) for args in rules
+                           if ruleset.owns(chain, Rule(args)))
         chains = tuple(c for c in current.declared if c in owned)
         removal = Removal(name, tuple(deletes), chains)
         if removal:
@@ -88,8 +73,7 @@ def apply_ruleset(ruleset: RuleSet, executor: Executor) -> ApplyResult:
     result = ApplyResult()
     for family in ruleset.families():
         state = _current(executor, family)
-        removals = plan_removals(ruleset, family, state,
-                                 lambda t, c, r, f=family: executor.check(f, t, c, r))
+        removals = plan_removals(ruleset, family, state)
         text = render_restore(ruleset, family, removals)
         if text:
             executor.restore(family, text)
@@ -103,8 +87,7 @@ def cleanup_ruleset(ruleset: RuleSet, executor: Executor) -> ApplyResult:
     result = ApplyResult()
     for family in ruleset.families():
         state = _current(executor, family)
-        removals = plan_removals(ruleset, family, state,
-                                 lambda t, c, r, f=family: executor.check(f, t, c, r))
+        removals = plan_removals(ruleset, family, state)
         text = render_restore(ruleset, family, removals, install=False)
         if text:
             executor.restore(family, text)

@@ -1,4 +1,4 @@
-"""Executor: the only place capture touches the system (iptables-save/-restore, -C, ip).
+"""Executor: the only place capture touches the system (iptables-save/-restore, ip).
 
 ``SubprocessExecutor`` runs the real binaries, optionally inside another network namespace
 (``nsenter --net``). ``RecordingExecutor`` records every call for unit tests and, with
@@ -28,9 +28,6 @@ class Executor(Protocol):
 
     def restore(self, family: Family, text: str) -> None:
         """Apply ``text`` with ``iptables-restore --noflush`` (atomic per table)."""
-
-    def check(self, family: Family, table: str, chain: str, rule: Rule) -> bool:
-        """Whether the rule exists (``iptables -C``)."""
 
     def ip(self, *args: str) -> str:
         """Run ``ip ARGS``, return stdout."""
@@ -79,11 +76,6 @@ class SubprocessExecutor:
         except CaptureApplyError as exc:
             raise CaptureApplyError(_explain_restore_failure(str(exc), text)) from None
 
-    def check(self, family: Family, table: str, chain: str, rule: Rule) -> bool:
-        proc = self._run([family.iptables_cmd, "-t", table, "-C", chain, *rule.args],
-                         ok_codes=(0, 1, 2))
-        return proc.returncode == 0
-
     def ip(self, *args: str) -> str:
         return self._run(["ip", *args]).stdout
 
@@ -129,11 +121,6 @@ class RecordingExecutor:
         if self.simulate:
             current = render_save(self.state[family])
             self.state[family] = parse_rules_text(current + text)
-
-    def check(self, family: Family, table: str, chain: str, rule: Rule) -> bool:
-        self.calls.append((family.iptables_cmd, "-t", table, "-C", chain, *rule.args))
-        t = self.state[family].get(table)
-        return bool(t and rule.args in t.rules(chain))
 
     def ip(self, *args: str) -> str:
         self.calls.append(("ip", *args))

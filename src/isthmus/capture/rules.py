@@ -8,6 +8,8 @@ an ``Executor``. Nothing here does I/O.
 A chain keeps two groups: ``head`` rules (placed with ``-I CHAIN n``, so they come before
 rules other software put in a built-in chain) and ``tail`` rules (``-A``). In our own chains
 there is nobody else, so the split only matters for built-in chains (PREROUTING, OUTPUT...).
+Rules we put in built-in chains either jump to a chain we own or carry ``OWNER_COMMENT``,
+so our rules can always be told apart from everybody else's.
 
 ``parse_rules_text`` reads both iptables-save output and iptables-restore input (including
 Istio's ``* nat`` / ``-N`` / ``-I`` dialect) back into the same shape, by replaying the
@@ -33,6 +35,11 @@ TABLE_ORDER = ("filter", "mangle", "nat", "raw", "security")
 
 # Placeholder a versioned rule uses for the family-specific address.
 IP_VERSION_SPECIFIC = "{IP}"
+
+# Our rules in built-in chains that do not jump to one of our chains carry this comment,
+# so apply/cleanup can find exactly them in iptables-save output, whatever config put them
+# there. (Rules jumping to our chains are recognised by their target.)
+OWNER_COMMENT = "isthmus-capture"
 
 
 class Family(IntEnum):
@@ -74,6 +81,31 @@ class Rule:
 
     def text(self) -> str:
         return " ".join(_quote(a) for a in self.args)
+
+    @property
+    def comment(self) -> str | None:
+        if "--comment" in self.args:
+            i = self.args.index("--comment")
+            if i + 1 < len(self.args):
+                return self.args[i + 1]
+        return None
+
+    def with_comment(self, comment: str) -> Rule:
+        """The rule with ``-m comment --comment`` placed before its target."""
+        if self.comment == comment:
+            return self
+        args = list(self.args)
+        at = next((i for i, a in enumerate(args) if a in ("-j", "--jump", "-g", "--goto")),
+                  len(args))
+        return Rule(tuple(args[:at] + ["-m", "comment", "--comment", comment] + args[at:]))
+
+    def without_comment(self) -> Rule:
+        args = list(self.args)
+        if "--comment" in args:
+            i = args.index("--comment")
+            start = i - 2 if i >= 2 and args[i - 2:i] == ["-m", "comment"] else i
+            del args[start:i + 2]
+        return Rule(tuple(args))
 
     def __str__(self) -> str:
         return self.text()
@@ -145,6 +177,13 @@ class RuleSet:
     routes: tuple[PolicyRoute, ...] = ()
     loopback_addresses: tuple[str, ...] = ()  # e.g. ("::6/128",) added to lo
     owned_chains: frozenset[str] = frozenset()
+    owner_comment: str = OWNER_COMMENT
+
+    def owns(self, chain: str, rule: Rule) -> bool:
+        """Whether a rule found in ``chain`` (e.g. in iptables-save output) is ours."""
+        if not is_builtin(chain):
+            return chain in self.owned_chains
+        return rule.target in self.owned_chains or rule.comment == self.owner_comment
 
     def families(self) -> tuple[Family, ...]:
         return (Family.V4, Family.V6) if self.ipv6_enabled else (Family.V4,)
@@ -225,25 +264,32 @@ class RuleSetBuilder:
             self.append(table, chain, *concrete, family=fam)
         return self
 
-    def _freeze(self, family: Family) -> tuple[Table, ...]:
+    def _freeze(self, family: Family, owned: frozenset[str], comment: str) -> tuple[Table, ...]:
+        def mark(chain: str, rules: list[Rule]) -> tuple[Rule, ...]:
+            if not is_builtin(chain):
+                return tuple(rules)
+            return tuple(r if r.target in owned else r.with_comment(comment) for r in rules)
+
         tables = self._tables[family]
         out = []
         for name in TABLE_ORDER:
             if name not in tables:
                 continue
-            chains = tuple(
-                Chain(cname, tuple(c.head), tuple(c.tail)) for cname, c in tables[name].items())
+            chains = tuple(Chain(cname, mark(cname, c.head), mark(cname, c.tail))
+                           for cname, c in tables[name].items())
             out.append(Table(name, chains))
         return tuple(out)
 
     def build(self, *, ipv6_enabled: bool, routes: Iterable[PolicyRoute] = (),
-              loopback_addresses: Iterable[str] = ()) -> RuleSet:
+              loopback_addresses: Iterable[str] = (),
+              owner_comment: str = OWNER_COMMENT) -> RuleSet:
         owned = self._owned | {
             c for fam in Family for chains in self._tables[fam].values()
             for c in chains if not is_builtin(c)}
         ruleset = RuleSet(
-            ipv4=self._freeze(Family.V4),
-            ipv6=self._freeze(Family.V6) if ipv6_enabled else (),
+            ipv4=self._freeze(Family.V4, owned, owner_comment),
+            ipv6=self._freeze(Family.V6, owned, owner_comment) if ipv6_enabled else (),
+            owner_comment=owner_comment,
             ipv6_enabled=ipv6_enabled,
             routes=tuple(routes),
             loopback_addresses=tuple(loopback_addresses),

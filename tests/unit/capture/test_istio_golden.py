@@ -5,7 +5,8 @@ Istio's golden files are the dry-run log of istio-iptables: ``iptables-save`` an
 the IPv6 restore input (when IPv6 is on) and ``ip6tables-save``. They use ``* nat``,
 ``-N`` and ``-I CHAIN 1``; we use ``*nat``, ``:CHAIN`` and ``-A`` in final order. So both
 sides are replayed onto empty chains and compared semantically: per family, per table, the
-set of declared chains and each chain's rules in order (whitespace normalised).
+set of declared chains and each chain's rules in order (whitespace normalised, and our
+ownership comment on non-jump rules in built-in chains removed).
 
 CASES maps each golden file to the CaptureConfig of the flags it was generated with
 (Istio's run_test.go cases, starting from istio-iptables with no flags: ``BARE``).
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from isthmus.capture import BARE, CaptureConfig, Family, build_sidecar_rules, render_restore
-from isthmus.capture.rules import ParsedTable, parse_rules_text
+from isthmus.capture.rules import OWNER_COMMENT, ParsedTable, Rule, parse_rules_text
 
 UID_GID = {"proxy_uid": "3,4", "proxy_gid": "1,2"}
 
@@ -116,10 +117,17 @@ def split_istio_golden(text: str) -> dict[Family, str]:
     return {Family.V4: "\n".join(v4), Family.V6: "\n".join(v6)}
 
 
+def strip_owner_comment(args: tuple[str, ...]) -> tuple[str, ...]:
+    """Our non-jump rules in built-in chains carry an ownership comment Istio's lack."""
+    rule = Rule(args)
+    return rule.without_comment().args if rule.comment == OWNER_COMMENT else args
+
+
 def normalise(tables: dict[str, ParsedTable]) -> dict[str, dict[str, object]]:
     out: dict[str, dict[str, object]] = {}
     for name, table in tables.items():
-        chains = {c: [" ".join(r) for r in rules] for c, rules in table.chains.items() if rules}
+        chains = {c: [" ".join(strip_owner_comment(r)) for r in rules]
+                  for c, rules in table.chains.items() if rules}
         if not chains and not table.declared:
             continue
         out[name] = {"declared": sorted(table.declared), "chains": chains}
