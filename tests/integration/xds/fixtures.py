@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Self
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2, config_source_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
@@ -78,7 +79,9 @@ def bookinfo(*, reviews_ips: Iterable[str] = ("10.0.0.1",), extra_clusters: int 
     )
 
 
-def node(node_id: str = "sidecar~10.0.0.5~productpage.default~default.svc.cluster.local") -> base_pb2.Node:
+def node(
+    node_id: str = "sidecar~10.0.0.5~productpage.default~default.svc.cluster.local",
+) -> base_pb2.Node:
     n = base_pb2.Node(id=node_id, cluster="productpage.default", user_agent_name="test-client")
     n.metadata.fields["NAMESPACE"].string_value = "default"
     return n
@@ -87,7 +90,9 @@ def node(node_id: str = "sidecar~10.0.0.5~productpage.default~default.svc.cluste
 class AdsClient:
     """A real grpc.aio client stream (SotW or delta) with request/response helpers."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, delta: bool = False, node_id: str | None = None):
+    def __init__(
+        self, channel: grpc.aio.Channel, *, delta: bool = False, node_id: str | None = None
+    ):
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         self.delta = delta
         self.call = stub.DeltaAggregatedResources() if delta else stub.StreamAggregatedResources()
@@ -123,7 +128,10 @@ class AdsClient:
         error: str | None = None,
     ) -> None:
         req = discovery_pb2.DiscoveryRequest(
-            type_url=type_url, resource_names=list(names), version_info=version, response_nonce=nonce
+            type_url=type_url,
+            resource_names=list(names),
+            version_info=version,
+            response_nonce=nonce,
         )
         if error is not None:
             req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
@@ -169,7 +177,7 @@ class AdsClient:
         """Assert no response arrives within ``timeout`` (used only to prove absence)."""
         try:
             msg = await asyncio.wait_for(self.responses.get(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         raise AssertionError(f"unexpected response: {msg}")
 
@@ -213,7 +221,7 @@ class Serving:
         self.server = XdsServer(self.cache, provider, 0, "127.0.0.1")
         self.channel: grpc.aio.Channel | None = None
 
-    async def __aenter__(self) -> "Serving":
+    async def __aenter__(self) -> Self:
         port = await self.server.start()
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         return self

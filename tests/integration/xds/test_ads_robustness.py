@@ -150,7 +150,9 @@ async def test_many_concurrent_streams() -> None:
             from .fixtures import AdsClient
 
             clients = [
-                AdsClient(channels[i % len(channels)], delta=i % 2 == 1, node_id=f"node-{i % n_nodes}")
+                AdsClient(
+                    channels[i % len(channels)], delta=i % 2 == 1, node_id=f"node-{i % n_nodes}"
+                )
                 for i in range(n_streams)
             ]
             t0 = time.perf_counter()

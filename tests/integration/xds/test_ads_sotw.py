@@ -50,8 +50,10 @@ async def test_initial_fetch_and_ack() -> None:
             assert resp.type_url == url
             assert resp.version_info == snap.version(url)
             assert resp.nonce
-        await until(lambda: s.cache.snapshot_status()[0]["types"][-1]["state"] == "SYNCED",
-                    what="RDS ACK recorded")
+        await until(
+            lambda: s.cache.snapshot_status()[0]["types"][-1]["state"] == "SYNCED",
+            what="RDS ACK recorded",
+        )
         [row] = s.cache.snapshot_status()
         assert row["node_id"] == NODE
         assert row["protocol"] == "sotw"
@@ -119,8 +121,12 @@ async def test_nack_is_recorded_and_not_resent() -> None:
         s.cache.set_snapshot(NODE, snap2)
         cds2 = await c.recv()
         assert cds2.type_url == types.CLUSTER and cds2.version_info != cds1.version_info
-        await c.request(types.CLUSTER, version=cds1.version_info, nonce=cds2.nonce,
-                        error="cluster extra-0: unknown field")
+        await c.request(
+            types.CLUSTER,
+            version=cds1.version_info,
+            nonce=cds2.nonce,
+            error="cluster extra-0: unknown field",
+        )
 
         def cds_row() -> dict:  # type: ignore[type-arg]
             return s.cache.snapshot_status()[0]["types"][0]
@@ -167,7 +173,9 @@ async def test_stale_nonce_is_ignored() -> None:
         await c.ack(eds2, [REVIEWS])
         await c.expect_silence(0.2)
         # The real subscription change with the latest nonce is answered.
-        await c.request(types.ENDPOINT, [REVIEWS, RATINGS], version=eds2.version_info, nonce=eds2.nonce)
+        await c.request(
+            types.ENDPOINT, [REVIEWS, RATINGS], version=eds2.version_info, nonce=eds2.nonce
+        )
         eds3 = await c.recv()
         assert names_of(eds3) == [RATINGS, REVIEWS]
         await c.close()

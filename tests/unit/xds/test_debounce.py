@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from isthmus.controlplane.xds.debounce import DebounceState, Debouncer
+from isthmus.controlplane.xds.debounce import Debouncer, DebounceState
 
 
 def test_state_quiet_period() -> None:

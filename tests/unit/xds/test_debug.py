@@ -21,7 +21,8 @@ def test_config_dump_unpacks_nested_any() -> None:
     assert tc["@type"].endswith("HttpConnectionManager")
     assert tc["rds"]["route_config_name"] == "9080"
     assert body["versions"]["EDS"] == bookinfo().version(
-        "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment")
+        "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+    )
 
 
 def test_errors_and_syncz() -> None:

@@ -13,7 +13,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2, struct_pb2
 
 from isthmus.controlplane.xds import types, wire
-from isthmus.controlplane.xds.snapshot import XdsSnapshot, diff, changed_types, pack
+from isthmus.controlplane.xds.snapshot import XdsSnapshot, changed_types, diff, pack
 from tests.integration.xds.fixtures import bookinfo, cla, eds_cluster, http_listener, route
 
 
@@ -25,14 +25,17 @@ def test_versions_are_stable_and_content_based() -> None:
     assert c.version(types.ENDPOINT) != a.version(types.ENDPOINT)
     assert c.version(types.CLUSTER) == a.version(types.CLUSTER)
     # Order of insertion does not matter.
-    d = XdsSnapshot.from_resources({types.CLUSTER: [eds_cluster("b"), eds_cluster("a")],
-                                    types.ENDPOINT: [cla("a"), cla("b")]})
-    e = XdsSnapshot.from_resources({types.CLUSTER: [eds_cluster("a"), eds_cluster("b")],
-                                    types.ENDPOINT: [cla("b"), cla("a")]})
+    d = XdsSnapshot.from_resources(
+        {types.CLUSTER: [eds_cluster("b"), eds_cluster("a")], types.ENDPOINT: [cla("a"), cla("b")]}
+    )
+    e = XdsSnapshot.from_resources(
+        {types.CLUSTER: [eds_cluster("a"), eds_cluster("b")], types.ENDPOINT: [cla("b"), cla("a")]}
+    )
     assert d.versions == e.versions
     # An absent type and an empty type have the same version.
     assert XdsSnapshot(resources={}).version(types.SECRET) == XdsSnapshot(
-        resources={types.SECRET: {}}).version(types.SECRET)
+        resources={types.SECRET: {}}
+    ).version(types.SECRET)
 
 
 def test_struct_map_order_does_not_change_version() -> None:
@@ -50,16 +53,18 @@ def test_consistent_ok() -> None:
 
 
 def test_missing_eds_by_cluster_name_and_service_name() -> None:
-    snap = XdsSnapshot.from_resources({
-        types.CLUSTER: [
-            eds_cluster("a"),
-            eds_cluster("b", service_name="svc-b"),
-            eds_cluster("c", service_name="svc-c"),
-            cluster_pb2.Cluster(name="static", type=cluster_pb2.Cluster.STATIC),
-            cluster_pb2.Cluster(name="dns", type=cluster_pb2.Cluster.STRICT_DNS),
-        ],
-        types.ENDPOINT: [cla("svc-c"), cla("b")],
-    })
+    snap = XdsSnapshot.from_resources(
+        {
+            types.CLUSTER: [
+                eds_cluster("a"),
+                eds_cluster("b", service_name="svc-b"),
+                eds_cluster("c", service_name="svc-c"),
+                cluster_pb2.Cluster(name="static", type=cluster_pb2.Cluster.STATIC),
+                cluster_pb2.Cluster(name="dns", type=cluster_pb2.Cluster.STRICT_DNS),
+            ],
+            types.ENDPOINT: [cla("svc-c"), cla("b")],
+        }
+    )
     problems = snap.consistent()
     assert len(problems) == 2, problems
     assert "'a'" in problems[0] and "EDS name 'a'" in problems[0]
@@ -85,10 +90,12 @@ def test_missing_rds_in_filter_chain_default_chain_and_api_listener() -> None:
     hcm3 = hcm_pb2.HttpConnectionManager()
     hcm3.rds.route_config_name = "r-api"
     api.api_listener.api_listener.CopyFrom(pack(hcm3))
-    snap = XdsSnapshot.from_resources({
-        types.LISTENER: [lst, api],
-        types.ROUTE: [route("r-present", "c")],
-    })
+    snap = XdsSnapshot.from_resources(
+        {
+            types.LISTENER: [lst, api],
+            types.ROUTE: [route("r-present", "c")],
+        }
+    )
     problems = snap.consistent()
     assert len(problems) == 3, problems
     joined = "\n".join(problems)
@@ -159,7 +166,9 @@ def test_sotw_body_round_trips_and_is_cached() -> None:
     assert resp.version_info == snap.version(types.ENDPOINT)
     assert resp.type_url == types.ENDPOINT and resp.nonce == "42"
     assert len(resp.resources) == 1
-    assert dict(view) == {"outbound|9080||reviews": snap.prepared(types.ENDPOINT).versions["outbound|9080||reviews"]}
+    assert dict(view) == {
+        "outbound|9080||reviews": snap.prepared(types.ENDPOINT).versions["outbound|9080||reviews"]
+    }
     again, _ = snap.sotw_body(types.ENDPOINT, frozenset({"nope", "outbound|9080||reviews"}))
     assert again is body
     full, full_view = snap.sotw_body(types.CLUSTER, None)
@@ -170,8 +179,13 @@ def test_sotw_body_round_trips_and_is_cached() -> None:
 def test_delta_wire_round_trip() -> None:
     snap = bookinfo()
     p = snap.prepared(types.CLUSTER)
-    raw = wire.delta_response(p.version, types.CLUSTER, [r.delta_bytes for r in p.items.values()],
-                              ["gone", "x" * 300], "n7")
+    raw = wire.delta_response(
+        p.version,
+        types.CLUSTER,
+        [r.delta_bytes for r in p.items.values()],
+        ["gone", "x" * 300],
+        "n7",
+    )
     resp = discovery_pb2.DeltaDiscoveryResponse.FromString(raw)
     assert resp.system_version_info == p.version and resp.nonce == "n7"
     assert list(resp.removed_resources) == ["gone", "x" * 300]

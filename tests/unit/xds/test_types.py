@@ -12,9 +12,12 @@ def test_envoy_type_urls() -> None:
 
 
 def test_short_names_and_lookup() -> None:
-    assert [types.short_name(u) for u in types.push_order(
-        [types.ROUTE, types.LISTENER, types.SECRET, types.ENDPOINT, types.CLUSTER])] == [
-        "CDS", "EDS", "LDS", "RDS", "SDS"]
+    assert [
+        types.short_name(u)
+        for u in types.push_order(
+            [types.ROUTE, types.LISTENER, types.SECRET, types.ENDPOINT, types.CLUSTER]
+        )
+    ] == ["CDS", "EDS", "LDS", "RDS", "SDS"]
     assert types.url_for_short("eds") == types.ENDPOINT
     assert types.url_for_short("nope") is None
     assert types.short_name("type.googleapis.com/foo.bar.Baz") == "Baz"

@@ -53,9 +53,9 @@ class SnapshotProvider(Protocol):
 class Watch:
     """A stream's interest in one node's snapshot; ``event`` is set on every change."""
 
-    __slots__ = ("node_id", "event", "_loop", "_cache")
+    __slots__ = ("_cache", "_loop", "event", "node_id")
 
-    def __init__(self, cache: "SnapshotCache", node_id: str, event: asyncio.Event) -> None:
+    def __init__(self, cache: SnapshotCache, node_id: str, event: asyncio.Event) -> None:
         self.node_id = node_id
         self.event = event
         self._loop = asyncio.get_running_loop()

@@ -137,7 +137,7 @@ class Debouncer(Generic[T]):
             self.pushes += 1
             try:
                 await self._push(batch)
-            except Exception:  # noqa: BLE001 - one failed push must not stop later ones
+            except Exception:
                 log.exception("push of %d change(s) failed", len(batch))
 
     async def flush(self) -> None:

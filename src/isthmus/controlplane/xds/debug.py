@@ -117,8 +117,14 @@ def handle(cache: SnapshotCache, target: str) -> tuple[int, Any]:
     return 404, {"error": f"no debug endpoint {parts.path!r}; try /debug"}
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            413: "Request Header Fields Too Large", 500: "Internal Server Error"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
 
 
 class DebugServer:
@@ -151,7 +157,7 @@ class DebugServer:
             except asyncio.LimitOverrunError:
                 await self._respond(writer, 413, {"error": "request head too large"})
                 return
-            except (asyncio.IncompleteReadError, asyncio.TimeoutError):
+            except (TimeoutError, asyncio.IncompleteReadError):
                 return
             if len(head) > _MAX_HEAD:
                 await self._respond(writer, 413, {"error": "request head too large"})
@@ -167,7 +173,7 @@ class DebugServer:
                 return
             try:
                 code, body = handle(self.cache, target)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log.exception("debug endpoint %s failed", target)
                 code, body = 500, {"error": str(e)}
             await self._respond(writer, code, body, head_only=method == "HEAD")

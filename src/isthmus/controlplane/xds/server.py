@@ -58,11 +58,31 @@ ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
 #: Single-type services: (service, SotW method, delta method, type URL).
 SINGLE_TYPE_SERVICES = (
-    ("envoy.service.cluster.v3.ClusterDiscoveryService", "StreamClusters", "DeltaClusters", types.CLUSTER),
-    ("envoy.service.endpoint.v3.EndpointDiscoveryService", "StreamEndpoints", "DeltaEndpoints", types.ENDPOINT),
-    ("envoy.service.listener.v3.ListenerDiscoveryService", "StreamListeners", "DeltaListeners", types.LISTENER),
+    (
+        "envoy.service.cluster.v3.ClusterDiscoveryService",
+        "StreamClusters",
+        "DeltaClusters",
+        types.CLUSTER,
+    ),
+    (
+        "envoy.service.endpoint.v3.EndpointDiscoveryService",
+        "StreamEndpoints",
+        "DeltaEndpoints",
+        types.ENDPOINT,
+    ),
+    (
+        "envoy.service.listener.v3.ListenerDiscoveryService",
+        "StreamListeners",
+        "DeltaListeners",
+        types.LISTENER,
+    ),
     ("envoy.service.route.v3.RouteDiscoveryService", "StreamRoutes", "DeltaRoutes", types.ROUTE),
-    ("envoy.service.secret.v3.SecretDiscoveryService", "StreamSecrets", "DeltaSecrets", types.SECRET),
+    (
+        "envoy.service.secret.v3.SecretDiscoveryService",
+        "StreamSecrets",
+        "DeltaSecrets",
+        types.SECRET,
+    ),
 )
 
 _INBOX_MAX = 64  # requests read ahead per stream before reading pauses (HTTP/2 flow control)
@@ -106,8 +126,19 @@ class _TypeState:
     dirty: bool = True  # subscription changed since last evaluation
     evaluated: XdsSnapshot | None = None
     sent_view: Mapping[str, str] | None = None  # SotW: {name: version} last sent
-    sent: dict[str, str] = field(default_factory=dict)  # delta: what the client has
+    sent_wildcard: bool = False  # SotW: the last response was the whole type
+    # Delta: what the client has. While the stream is a plain wildcard this is the shared
+    # ``versions`` mapping of the last snapshot sent (no per-stream copy); ``own_sent``
+    # copies it before any per-stream change.
+    sent: Mapping[str, str] = field(default_factory=dict)
+    sent_owned: bool = True
     missing_reported: set[str] = field(default_factory=set)  # delta
+
+    def own_sent(self) -> dict[str, str]:
+        if not self.sent_owned:
+            self.sent = dict(self.sent)
+            self.sent_owned = True
+        return self.sent  # type: ignore[return-value]
 
     def covers(self, name: str) -> bool:
         return self.wildcard or name in self.names
@@ -125,7 +156,7 @@ class _Stream:
 
     def __init__(
         self,
-        server: "XdsServer",
+        server: XdsServer,
         requests: AsyncIterator[Any],
         context: grpc.aio.ServicerContext,
         fixed_type: str | None,
@@ -155,7 +186,9 @@ class _Stream:
                 while not self.inbox.empty():
                     item = self.inbox.get_nowait()
                     if item is _EOF:
-                        log.debug("%s %s: client closed its side", self.status.conn_id, self.node_id)
+                        log.debug(
+                            "%s %s: client closed its side", self.status.conn_id, self.node_id
+                        )
                         return
                     if isinstance(item, BaseException):
                         raise _StreamError(
@@ -203,13 +236,13 @@ class _Stream:
         elif req.HasField("node") and req.node.id and req.node.id != self.node_id:
             log.warning(
                 "%s: request names node %r but the stream belongs to %r; ignoring the new id",
-                self.status.conn_id, req.node.id, self.node_id,
+                self.status.conn_id,
+                req.node.id,
+                self.node_id,
             )
         type_url = req.type_url or (self.fixed_type or "")
         if not type_url:
-            raise _StreamError(
-                grpc.StatusCode.INVALID_ARGUMENT, "ADS requests must set type_url"
-            )
+            raise _StreamError(grpc.StatusCode.INVALID_ARGUMENT, "ADS requests must set type_url")
         if self.fixed_type is not None and type_url != self.fixed_type:
             raise _StreamError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -221,7 +254,9 @@ class _Stream:
                 self.unknown_logged.add(type_url)
                 log.warning(
                     "%s node=%r: ignoring request for unknown type %r",
-                    self.status.conn_id, self.node_id, type_url,
+                    self.status.conn_id,
+                    self.node_id,
+                    type_url,
                 )
             return
         st = self.types.get(type_url)
@@ -245,7 +280,7 @@ class _Stream:
                 result = self.server.provider(node)
                 if inspect.isawaitable(result):
                     result = await result
-            except Exception:  # noqa: BLE001 - a provider bug must not kill the stream
+            except Exception:
                 log.exception("snapshot provider failed for node %r", node.id)
                 result = None
             if result is not None and self.cache.get(node.id) is None:
@@ -271,7 +306,11 @@ class _Stream:
             self.status.record_nack(st.info.url, st.last_version, nonce, msg, req.error_detail.code)
             log.warning(
                 "%s node=%r NACKed %s version %s: %s",
-                self.status.conn_id, self.node_id, st.info.short, st.last_version, msg,
+                self.status.conn_id,
+                self.node_id,
+                st.info.short,
+                st.last_version,
+                msg,
             )
         else:
             self.status.record_ack(st.info.url, acked_version, nonce)
@@ -300,7 +339,10 @@ class _SotwStream(_Stream):
             if nonce != st.last_nonce:
                 log.debug(
                     "%s: stale %s nonce %s (latest %s) ignored",
-                    self.status.conn_id, st.info.short, nonce, st.last_nonce,
+                    self.status.conn_id,
+                    st.info.short,
+                    nonce,
+                    st.last_nonce,
                 )
                 return
             if st.pending_nonce:
@@ -326,12 +368,16 @@ class _SotwStream(_Stream):
                 continue
             if not st.force and not st.dirty and st.evaluated is snap:
                 continue
+            version = snap.version(url)
+            if st.wildcard and st.sent_wildcard and not st.force and version == st.last_version:
+                st.evaluated, st.dirty = snap, False  # whole type, same hash: nothing new
+                continue
             body, view = snap.sotw_body(url, None if st.wildcard else st.names)
             st.evaluated, st.dirty = snap, False
             if not st.force and view == st.sent_view:
                 continue
-            st.sent_view = view
-            await self._send(st, body, snap.version(url), len(view))
+            st.sent_view, st.sent_wildcard = view, st.wildcard
+            await self._send(st, body, version, len(view))
 
 
 class _DeltaStream(_Stream):
@@ -348,7 +394,10 @@ class _DeltaStream(_Stream):
             else:
                 log.debug(
                     "%s: stale %s nonce %s (pending %s)",
-                    self.status.conn_id, st.info.short, nonce, st.pending_nonce,
+                    self.status.conn_id,
+                    st.info.short,
+                    nonce,
+                    st.pending_nonce,
                 )
         subscribe = list(req.resource_names_subscribe)
         unsubscribe = list(req.resource_names_unsubscribe)
@@ -356,7 +405,7 @@ class _DeltaStream(_Stream):
         if not st.started:
             st.started = True
             wildcard = types.WILDCARD in subscribe or (not subscribe and st.info.wildcard)
-            st.sent = dict(req.initial_resource_versions)
+            st.sent, st.sent_owned = dict(req.initial_resource_versions), True
             st.force = wildcard  # a wildcard subscriber learns "nothing yet" too
             st.dirty = True
         for n in subscribe:
@@ -372,8 +421,11 @@ class _DeltaStream(_Stream):
         if wildcard != st.wildcard or names != st.names:
             st.wildcard, st.names, st.dirty = wildcard, frozenset(names), True
             # The client forgets what it no longer subscribes to.
-            for n in [n for n in st.sent if not st.covers(n)]:
-                del st.sent[n]
+            dropped = [n for n in st.sent if not st.covers(n)]
+            if dropped:
+                sent = st.own_sent()
+                for n in dropped:
+                    del sent[n]
             st.missing_reported &= names
         if subscribe and not st.wildcard:
             # A re-subscribed name that does not exist is reported again.
@@ -389,28 +441,41 @@ class _DeltaStream(_Stream):
                 continue
             p = snap.prepared(url)
             items = p.items
-            if st.wildcard:
-                candidates = sorted(set(items) | st.names) if st.names else sorted(items)
+            plain_wildcard = st.wildcard and not st.names
+            missing: list[str] = []
+            if plain_wildcard and not st.sent_owned:
+                # The client holds an earlier snapshot's full view: use the shared diff.
+                names, gone = p.delta_from(st.sent)
+                updates = [items[n] for n in names]
+                removed = list(gone)
             else:
-                candidates = sorted(st.names)
-            updates = []
-            missing = []
-            for n in candidates:
-                r = items.get(n)
-                if r is None:
-                    if n not in st.sent and n not in st.missing_reported:
-                        missing.append(n)
-                elif st.sent.get(n) != r.version:
-                    updates.append(r)
-            removed = sorted(n for n in st.sent if n not in items and st.covers(n))
-            removed.extend(missing)
+                if st.wildcard:
+                    candidates = sorted(set(items) | st.names) if st.names else sorted(items)
+                else:
+                    candidates = sorted(st.names)
+                updates = []
+                for n in candidates:
+                    r = items.get(n)
+                    if r is None:
+                        if n not in st.sent and n not in st.missing_reported:
+                            missing.append(n)
+                    elif st.sent.get(n) != r.version:
+                        updates.append(r)
+                removed = sorted(n for n in st.sent if n not in items and st.covers(n))
+                removed.extend(missing)
             st.evaluated, st.dirty = snap, False
             if not (updates or removed or st.force):
+                if plain_wildcard:
+                    st.sent, st.sent_owned = p.versions, False  # same content, shared
                 continue
-            for r in updates:
-                st.sent[r.name] = r.version
-            for n in removed:
-                st.sent.pop(n, None)
+            if plain_wildcard:
+                st.sent, st.sent_owned = p.versions, False  # exactly the whole type now
+            else:
+                sent = st.own_sent()
+                for r in updates:
+                    sent[r.name] = r.version
+                for n in removed:
+                    sent.pop(n, None)
             st.missing_reported.update(missing)
             payload = wire.delta_response(
                 p.version, url, (r.delta_bytes for r in updates), removed, ""

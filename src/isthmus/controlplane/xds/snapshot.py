@@ -53,9 +53,9 @@ def resource_name(message: Message) -> str:
     if isinstance(message, endpoint_pb2.ClusterLoadAssignment):
         return message.cluster_name
     if isinstance(message, any_pb2.Any):
-        raise ValueError("an Any resource has no name of its own: key it explicitly")
+        raise ValueError("an Any resource has no name of its own: key it explicitly")  # noqa: TRY004
     try:
-        return str(getattr(message, "name"))
+        return str(message.name)
     except AttributeError:
         raise ValueError(
             f"{message.DESCRIPTOR.full_name} has no 'name' field: key it explicitly"
@@ -84,6 +84,26 @@ class PreparedType:
     version: str
     items: Mapping[str, PreparedResource]
     versions: Mapping[str, str]
+    _deltas: list[tuple[Mapping[str, str], tuple[str, ...], tuple[str, ...]]] = field(
+        default_factory=list, repr=False, compare=False
+    )
+
+    def delta_from(self, old: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(names to send, names removed) taking a client from ``old`` to this type's view.
+
+        Cached by the identity of ``old``: wildcard delta streams that hold an earlier
+        snapshot's shared ``versions`` mapping share one computation per snapshot pair.
+        """
+        for prev, updated, removed in self._deltas:
+            if prev is old:
+                return updated, removed
+        new = self.versions
+        updated = tuple(sorted(n for n, v in new.items() if old.get(n) != v))
+        removed = tuple(sorted(n for n in old if n not in new))
+        if len(self._deltas) >= 8:
+            del self._deltas[0]
+        self._deltas.append((old, updated, removed))
+        return updated, removed
 
 
 def _prepare(type_url: str, name: str, message: Message) -> PreparedResource:
@@ -150,7 +170,7 @@ class XdsSnapshot:
         object.__setattr__(self, "_sotw_cache", {})
 
     @classmethod
-    def from_resources(cls, resources: Mapping[str, Iterable[Message]]) -> "XdsSnapshot":
+    def from_resources(cls, resources: Mapping[str, Iterable[Message]]) -> XdsSnapshot:
         """Key each message by :func:`resource_name`; duplicate names are an error."""
         out: dict[str, dict[str, Message]] = {}
         for type_url, msgs in resources.items():
@@ -191,7 +211,9 @@ class XdsSnapshot:
 
     # ---- cached wire pieces --------------------------------------------------------
 
-    def sotw_body(self, type_url: str, names: frozenset[str] | None) -> tuple[bytes, Mapping[str, str]]:
+    def sotw_body(
+        self, type_url: str, names: frozenset[str] | None
+    ) -> tuple[bytes, Mapping[str, str]]:
         """SotW response bytes without the nonce, and the {name: version} view they carry.
 
         ``names=None`` means every resource of the type (wildcard). Bodies are cached on
