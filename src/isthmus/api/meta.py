@@ -101,6 +101,9 @@ class Resource(Generic[S]):
     spec: S
     source: Source = Source()
     status: Any = None
+    # The document as loaded (LineMap with line numbers), so validation and analysis can
+    # point at the line of any field; None for resources built in code.
+    raw: Any = field(default=None, repr=False, compare=False)
 
     @property
     def key(self) -> ResourceKey:

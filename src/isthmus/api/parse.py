@@ -126,6 +126,7 @@ def parse_document(
         spec=spec,
         source=Source(doc.file, line),
         status=data.get("status"),
+        raw=data,
     )
     from isthmus.api.validation import validate_resource  # late: validation imports kinds
 
