@@ -109,6 +109,9 @@ class Workload:
     ready: bool = True
     container_ports: dict[str, int] = field(default_factory=dict)  # port name -> number
     origin: str = "Pod"  # "Pod" | "WorkloadEntry" | "ServiceEntry"
+    # Istio's workload name: the owning Deployment (pod ``reviews-v1-5d8f-x2x`` -> ``reviews-v1``),
+    # the WorkloadEntry name, or the pod name when there is no owner.
+    workload_name: str = ""
 
     @property
     def identity(self) -> Identity:
