@@ -46,8 +46,8 @@ def plan_removals(ruleset: RuleSet, family: Family,
     plan: dict[str, Removal] = {}
     if state is None:
         for table in ruleset.tables(family):
-            deletes = tuple((c.name, r) for c in table.chains if c.builtin for r in c.rules)
-            plan[table.name] = Removal(table.name, deletes, table.custom_chains)
+            installed = tuple((c.name, r) for c in table.chains if c.builtin for r in c.rules)
+            plan[table.name] = Removal(table.name, installed, table.custom_chains)
         return plan
 
     for name, current in state.items():

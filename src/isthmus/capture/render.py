@@ -51,10 +51,10 @@ def render_restore(ruleset: RuleSet, family: Family,
             continue
         out.append(f"*{name}")
         keep = table.custom_chains if table else ()
-        out.extend(f":{chain} - [0:0]" for chain in keep)
+        out.extend(f":{name} - [0:0]" for name in keep)
         if removal:
-            for chain, rule in removal.delete_rules:
-                out.append(f"-D {chain} {rule.text()}")
+            for builtin, rule in removal.delete_rules:
+                out.append(f"-D {builtin} {rule.text()}")
             stale = [c for c in removal.delete_chains if c not in keep]
             out.extend(f"-F {c}" for c in stale)
             out.extend(f"-X {c}" for c in stale)

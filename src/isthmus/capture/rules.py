@@ -376,12 +376,12 @@ def parse_rules_text(text: str) -> dict[str, ParsedTable]:
             _declare(current, chain, flush=False)
             current.chains[chain].insert(pos - 1, tuple(spec))
         elif op in ("-D", "--delete"):
-            chain, spec = rest[0], tuple(rest[1:])
+            chain, wanted = rest[0], tuple(rest[1:])
             rules = current.chains.get(chain, [])
-            if len(spec) == 1 and spec[0].isdigit():
-                del rules[int(spec[0]) - 1]
-            elif spec in rules:
-                rules.remove(spec)
+            if len(wanted) == 1 and wanted[0].isdigit():
+                del rules[int(wanted[0]) - 1]
+            elif wanted in rules:
+                rules.remove(wanted)
             else:
                 raise RulesTextError(f"line {lineno}: no such rule to delete: {line!r}")
         elif op in ("-F", "--flush"):

@@ -69,7 +69,8 @@ def _split_ranges(ranges: object) -> tuple[bool, list[str], list[str]]:
     """(wildcard, v4 CIDRs, v6 CIDRs)."""
     if ranges == WILDCARD:
         return True, [], []
-    v4, v6 = [], []
+    v4: list[str] = []
+    v6: list[str] = []
     for cidr in ranges:  # type: ignore[attr-defined]
         net = ipaddress.ip_network(cidr, strict=False)
         (v4 if net.version == 4 else v6).append(cidr)
@@ -135,6 +136,7 @@ class SidecarCaptureBuilder:
             for ident in ids:
                 # The proxy calling a local service by pod IP (app -> VIP -> proxy -> pod IP
                 # over lo) must reach the inbound listener, except the tunnel port (and DNS).
+                ports: tuple[str, ...]
                 if dns and owner == "--uid-owner":
                     ports = ("-m", "multiport", "!", "--dports", f"53,{tunnel}")
                 else:

@@ -73,12 +73,12 @@ def test_seed_004_rules_are_the_bookinfo_rules() -> None:
         "-A PREROUTING -p tcp -j ISTIO_INBOUND",
         "-A OUTPUT -j ISTIO_OUTPUT",
         "-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN",
-        "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 "
-        "-m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT",
+        ("-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 "
+         "-m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT"),
         "-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN",
         "-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN",
-        "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 "
-        "-m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT",
+        ("-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 "
+         "-m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT"),
         "-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN",
         "-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN",
         "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
