@@ -8,6 +8,7 @@ last good version of it.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,13 @@ from isthmus.api.schema import ConvertContext, from_data
 from isthmus.core.errors import Diagnostic, Severity
 
 DEFAULT_NAMESPACE = "default"
+
+
+def _known_groups() -> frozenset[str]:
+    return frozenset(k.group for k in KINDS)
+
+
+_KNOWN_GROUPS = _known_groups()
 
 
 @dataclass
@@ -81,10 +89,17 @@ def parse_document(
     group, version = split_api_version(api_version)
     info = KINDS.get(GroupKind(group, kind))
     if info is None:
+        kline = data.key_lines.get("kind", line) if isinstance(data, LineMap) else line
         known = sorted(str(k) for k in KINDS if k.kind == kind)
+        if not known and group not in _KNOWN_GROUPS:
+            # Another project's kind (cert-manager, Ingress, ...): not ours to judge; skip it.
+            ctx.warning("kind", kline, f"skipped: kind {kind} in apiVersion {api_version} is not a mesh kind")
+            return [], ctx.diagnostics
         hint = f" (known groups for {kind}: {', '.join(known)})" if known else ""
-        ctx.error("kind", data.key_lines.get("kind", line) if isinstance(data, LineMap) else line,
-                  f"unsupported kind {kind} in apiVersion {api_version}{hint}")
+        close = difflib.get_close_matches(kind, sorted({k.kind for k in KINDS if k.group == group}), n=1)
+        if close and not known:
+            hint = f"; did you mean {close[0]!r}?"
+        ctx.error("kind", kline, f"unsupported kind {kind} in apiVersion {api_version}{hint}")
         return [], ctx.diagnostics
     if version not in info.versions:
         ctx.error("apiVersion", data.key_lines.get("apiVersion", line) if isinstance(data, LineMap) else line,
