@@ -273,3 +273,26 @@ async def test_single_type_cds_service() -> None:
         resp = await asyncio.wait_for(call.read(), 5)
         assert resp.type_url == types.CLUSTER and len(resp.resources) == 2
         call.cancel()
+
+
+async def test_unacked_client_gets_one_response_then_latest() -> None:
+    """Backpressure: while a response awaits its ACK, snapshot changes coalesce; the ACK
+    releases exactly one response carrying the latest version."""
+    async with Serving() as s:
+        s.cache.set_snapshot(NODE, bookinfo())
+        c = s.client()
+        await c.request(types.CLUSTER)
+        first = await c.recv()
+        snaps = [bookinfo(extra_clusters=i) for i in range(1, 30)]
+        for snap in snaps:
+            s.cache.set_snapshot(NODE, snap)
+        await c.expect_silence(0.2)
+        await c.ack(first)
+        latest = await c.recv()
+        assert latest.version_info == snaps[-1].version(types.CLUSTER)
+        assert len(latest.resources) == 2 + 29
+        await c.ack(latest)
+        await c.expect_silence(0.2)
+        row = s.cache.snapshot_status()[0]["types"][0]
+        assert row["sent"] == 2
+        await c.close()
