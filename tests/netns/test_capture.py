@@ -42,22 +42,22 @@ PROXY_UID = 1337
 # A server: listen, print "ready", answer each connection with "<tag> <dst>" and close.
 SERVER_SRC = r"""
 import socket, sys
+from isthmus.dataplane.io.sockopts import local_dst, recover_original_dst, set_transparent
 port, mode, tag = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)  # dual-stack: IPv4 and IPv6
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 if mode == "tproxy":
-    from isthmus.dataplane.io.sockopts import set_transparent
     set_transparent(s)
-s.bind(("0.0.0.0", port))
+s.bind(("::", port))
 s.listen(64)
 print("ready", flush=True)
 while True:
     conn, _ = s.accept()
     try:
         if mode == "plain":
-            host, dport = conn.getsockname()[:2]
+            host, dport = local_dst(conn)
         else:
-            from isthmus.dataplane.io.sockopts import recover_original_dst
             host, dport = recover_original_dst(conn, tproxy=(mode == "tproxy"))
         conn.sendall(f"{tag} {host}:{dport}\n".encode())
     except OSError as exc:
@@ -78,7 +78,8 @@ for target in sys.argv[3:]:
     src, _, dst = target.rpartition("@")
     host, port = dst.rsplit(":", 1)
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as c:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as c:
             c.settimeout(3)
             if src:
                 c.bind((src, 0))
@@ -123,6 +124,14 @@ class Net:
     @property
     def peer_ip2(self) -> str:
         return f"10.250.{self.subnet}.3"
+
+    @property
+    def pod_ip6(self) -> str:
+        return f"fd00:250:{self.subnet:x}::2"
+
+    @property
+    def peer_ip6(self) -> str:
+        return f"fd00:250:{self.subnet:x}::1"
 
     def run(self, ns: str, *argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
         return sh("ip", "netns", "exec", ns, *argv, **kw)  # type: ignore[arg-type]
@@ -170,11 +179,12 @@ def net() -> Iterator[Net]:
         sh("ip", "netns", "add", n.peer)
         sh("ip", "link", "add", f"vp{tag}", "netns", n.pod, "type", "veth",
            "peer", "name", f"vq{tag}", "netns", n.peer)
-        for ns, dev, addrs in ((n.pod, f"vp{tag}", [n.pod_ip]),
-                               (n.peer, f"vq{tag}", [n.peer_ip, n.peer_ip2])):
+        for ns, dev, addrs, addr6 in ((n.pod, f"vp{tag}", [n.pod_ip], n.pod_ip6),
+                                      (n.peer, f"vq{tag}", [n.peer_ip, n.peer_ip2], n.peer_ip6)):
             n.run(ns, "ip", "link", "set", "lo", "up")
             for addr in addrs:
                 n.run(ns, "ip", "addr", "add", f"{addr}/24", "dev", dev)
+            n.run(ns, "ip", "-6", "addr", "add", f"{addr6}/64", "dev", dev, "nodad")
             n.run(ns, "ip", "link", "set", dev, "up")
         yield n
     finally:
@@ -230,6 +240,7 @@ def test_redirect_mode_captures_and_recovers_original_destination(net: Net) -> N
         local_exclude_ports="15090,15021,15020,8081",
         outbound_ip_ranges_exclude=f"{n.peer_ip2}/32",
         local_outbound_ports_exclude="7778",
+        enable_ipv6=True,
     )
     apply_ruleset(build_sidecar_rules(config), SubprocessExecutor(netns=n.pod))
 
@@ -265,16 +276,25 @@ def test_redirect_mode_captures_and_recovers_original_destination(net: Net) -> N
     assert inbound[f"{n.pod_ip}:8081"] == f"app {n.pod_ip}:8081"  # -d 8081
     assert inbound[f"{n.pod_ip}:15008"] == f"app {n.pod_ip}:15008"  # tunnel port
 
+    # IPv6 (ip6tables, IP6T_SO_ORIGINAL_DST), both directions
+    app6 = n.connect(n.pod, APP_UID, APP_UID, f"{n.peer_ip6}:9999")
+    assert app6[f"{n.peer_ip6}:9999"] == f"outbound {n.peer_ip6}:9999"
+    proxy6 = n.connect(n.pod, PROXY_UID, PROXY_UID, f"{n.peer_ip6}:7777")
+    assert proxy6[f"{n.peer_ip6}:7777"] == f"peer {n.peer_ip6}:7777"
+    inbound6 = n.connect(n.peer, 0, 0, f"{n.pod_ip6}:8080", f"{n.pod_ip6}:8081")
+    assert inbound6[f"{n.pod_ip6}:8080"] == f"inbound {n.pod_ip6}:8080"
+    assert inbound6[f"{n.pod_ip6}:8081"] == f"app {n.pod_ip6}:8081"
+
 
 def test_tproxy_mode_keeps_destination_and_installs_policy_route(net: Net) -> None:
     n = net
     start_servers(n, tproxy=True)
     config = CaptureConfig(inbound_interception_mode="TPROXY",
-                           local_exclude_ports="15090,15021,15020,8081")
+                           local_exclude_ports="15090,15021,15020,8081", enable_ipv6=True)
     ruleset = build_sidecar_rules(config)
     executor = SubprocessExecutor(netns=n.pod)
     install_foreign_rules(n)
-    before = n.save()
+    before, before6 = n.save(4), n.save(6)
     apply_ruleset(ruleset, executor)
 
     rules = n.run(n.pod, "ip", "-4", "rule", "show").stdout
@@ -288,13 +308,17 @@ def test_tproxy_mode_keeps_destination_and_installs_policy_route(net: Net) -> No
     assert inbound[f"{n.pod_ip}:8080"] == f"inbound {n.pod_ip}:8080"
     assert inbound[f"{n.pod_ip}:9443"] == f"inbound {n.pod_ip}:9443"
     assert inbound[f"{n.pod_ip}:8081"] == f"app {n.pod_ip}:8081"
+    inbound6 = n.connect(n.peer, 0, 0, f"{n.pod_ip6}:8080")
+    assert inbound6[f"{n.pod_ip6}:8080"] == f"inbound {n.pod_ip6}:8080"
+    assert re.search(r"fwmark 0x539 lookup 133", n.run(n.pod, "ip", "-6", "rule", "show").stdout)
     # outbound stays REDIRECT
     app = n.connect(n.pod, APP_UID, APP_UID, f"{n.peer_ip}:9999")
     assert app[f"{n.peer_ip}:9999"] == f"outbound {n.peer_ip}:9999"
 
     cleanup_ruleset(ruleset, executor)
-    assert n.save() == before
+    assert (n.save(4), n.save(6)) == (before, before6)
     assert "lookup 133" not in n.run(n.pod, "ip", "-4", "rule", "show").stdout
+    assert "lookup 133" not in n.run(n.pod, "ip", "-6", "rule", "show").stdout
     assert n.run(n.pod, "ip", "-4", "route", "show", "table", "133").stdout.strip() == ""
     # and traffic flows uncaptured again
     inbound = n.connect(n.peer, 0, 0, f"{n.pod_ip}:8080")
