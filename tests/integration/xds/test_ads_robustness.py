@@ -189,3 +189,30 @@ async def test_many_concurrent_streams() -> None:
             await until(lambda: s.server.stats()["active_streams"] == 0, 10, "all streams closed")
         finally:
             await asyncio.gather(*(ch.close() for ch in channels))
+
+
+async def test_single_type_delta_service_and_wrong_type() -> None:
+    from envoy.service.endpoint.v3 import eds_pb2_grpc
+
+    from .fixtures import node
+
+    async with Serving() as s:
+        s.cache.set_snapshot(NODE, bookinfo())
+        assert s.channel is not None
+        stub = eds_pb2_grpc.EndpointDiscoveryServiceStub(s.channel)
+        call = stub.DeltaEndpoints()
+        await call.write(
+            discovery_pb2.DeltaDiscoveryRequest(
+                node=node(), resource_names_subscribe=["outbound|9080||reviews"]
+            )
+        )
+        resp = await asyncio.wait_for(call.read(), 5)
+        assert resp.type_url == types.ENDPOINT
+        assert [r.name for r in resp.resources] == ["outbound|9080||reviews"]
+        call.cancel()
+        # Asking the EDS service for clusters ends that stream.
+        call = stub.StreamEndpoints()
+        await call.write(discovery_pb2.DiscoveryRequest(node=node(), type_url=types.CLUSTER))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(call.read(), 5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -6,6 +6,10 @@ ACKed and NACKed. The ADS server writes it as requests and responses flow; the
 Sync states follow istioctl's vocabulary: ``NOT SENT`` (nothing sent for the type yet),
 ``STALE`` (a response is awaiting its ACK), ``NACKED`` (the last response was rejected;
 the proxy keeps its last ACKed version), ``SYNCED`` (the last response was ACKed).
+``snapshot_version`` is the node's current version for the whole type. A proxy that
+subscribes to named resources (EDS, RDS) is only pushed when *its* resources change, so
+its ACKed version may lag the snapshot's while it is fully up to date: the state, not
+the version comparison, says whether it is in sync.
 Neighbours: ``server`` (writer), ``cache`` (owns one registry), ``debug`` (reader).
 """
 
