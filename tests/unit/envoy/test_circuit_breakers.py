@@ -1,14 +1,15 @@
 from __future__ import annotations
 
 import pytest
-
 from envoy.config.cluster.v3 import circuit_breaker_pb2
 from google.protobuf import json_format
 
 from isthmus.dataplane.envoy import ConfigRejected
 from isthmus.dataplane.envoy._proto import Ctx
 from isthmus.dataplane.envoy.circuit_breakers import (
-    OVERFLOW_FLAG, CircuitBreakers, Resource,
+    OVERFLOW_FLAG,
+    CircuitBreakers,
+    Resource,
 )
 
 

@@ -10,8 +10,15 @@ from isthmus.dataplane.envoy import ConfigRejected
 from isthmus.dataplane.envoy._proto import Ctx
 from isthmus.dataplane.envoy.hashing import xxh64
 from isthmus.dataplane.envoy.lb import (
-    Host, LbConfig, LeastRequestLb, MaglevLb, RingHashLb, compute_hash, make_balancer,
-    parse_cookies, seeded,
+    Host,
+    LbConfig,
+    LeastRequestLb,
+    MaglevLb,
+    RingHashLb,
+    compute_hash,
+    make_balancer,
+    parse_cookies,
+    seeded,
 )
 
 from ._util import cluster
@@ -177,7 +184,7 @@ def test_lb_config_from_cluster():
 
 # ---------------------------------------------------------------- hash policies
 
-from isthmus.dataplane.envoy.lb import HashPolicy  # noqa: E402
+from isthmus.dataplane.envoy.lb import HashPolicy
 
 
 def hp(kind, name="", terminal=False, ttl=None):

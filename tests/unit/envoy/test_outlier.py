@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from envoy.config.cluster.v3 import outlier_detection_pb2
 from google.protobuf import json_format
 
@@ -11,7 +10,10 @@ from isthmus.dataplane.envoy import ConfigRejected
 from isthmus.dataplane.envoy._proto import Ctx
 from isthmus.dataplane.envoy.lb import seeded
 from isthmus.dataplane.envoy.outlier import (
-    EjectionType, LocalOrigin, OutlierConfig, OutlierDetector,
+    EjectionType,
+    LocalOrigin,
+    OutlierConfig,
+    OutlierDetector,
 )
 
 HOSTS = ["a", "b", "c", "d"]

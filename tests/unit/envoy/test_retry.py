@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 
 from isthmus.dataplane.envoy.retry import (
-    Outcome, Reset, RetryPolicy, RetryVerdict, backoff_s, retriable_hosts_filter,
-    should_retry, would_retry,
+    Outcome,
+    Reset,
+    RetryPolicy,
+    RetryVerdict,
+    backoff_s,
+    retriable_hosts_filter,
+    should_retry,
+    would_retry,
 )
 
 

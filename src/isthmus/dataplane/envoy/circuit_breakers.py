@@ -64,7 +64,7 @@ class ResourceManager:
     """Counters for one priority. Not thread-safe: one per worker process, like Envoy's
     per-cluster (process-wide) counters approximated per worker."""
 
-    __slots__ = ("thresholds", "_used")
+    __slots__ = ("_used", "thresholds")
 
     def __init__(self, thresholds: Thresholds) -> None:
         self.thresholds = thresholds

@@ -60,7 +60,7 @@ class ChainRef:
 class _Lpm:
     """Longest-prefix match over IPv4/IPv6 CIDRs: {family: [(len, {net: value})]}."""
 
-    __slots__ = ("_tables", "_ordered")
+    __slots__ = ("_ordered", "_tables")
 
     def __init__(self) -> None:
         self._ordered: dict[int, list[tuple[int, dict[int, Any]]]] = {4: [], 6: []}

@@ -159,12 +159,10 @@ def compute_hash(
                 gen = format(xxh64(source_ip), "016x")
                 set_cookies.append(SetCookie(p.name, gen, p.cookie_ttl_s, p.cookie_path))
                 new = xxh64(gen)
-        elif p.kind == "source_ip":
-            if source_ip:
-                new = xxh64(source_ip)
-        elif p.kind == "query_parameter":
-            if query is not None and p.name in query:
-                new = xxh64(query[p.name])
+        elif p.kind == "source_ip" and source_ip:
+            new = xxh64(source_ip)
+        elif p.kind == "query_parameter" and query is not None and p.name in query:
+            new = xxh64(query[p.name])
         if new is not None:
             old = (((h << 1) | (h >> 63)) & 0xFFFFFFFFFFFFFFFF) if h is not None else 0
             h = old ^ new

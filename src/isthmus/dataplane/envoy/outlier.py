@@ -250,7 +250,7 @@ class OutlierDetector:
         m.ejected = True
         m.num_ejections += 1
         m.last_ejection = now
-        jitter_ms = int(round(c.max_ejection_time_jitter_s * 1000))
+        jitter_ms = round(c.max_ejection_time_jitter_s * 1000)
         m.jitter_s = (self.random() % (jitter_ms + 1)) / 1000.0 if jitter_ms else 0.0
         if m.backoff * c.base_ejection_time_s < c.max_ejection_time_s + c.base_ejection_time_s:
             m.backoff += 1

@@ -39,12 +39,22 @@ from envoy.extensions.filters.http.cors.v3 import cors_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 
 from isthmus.dataplane.envoy._proto import (
-    Ctx, duration_s, fractional, join, opt_duration_s, percent_hits, wrapped,
+    Ctx,
+    duration_s,
+    fractional,
+    join,
+    opt_duration_s,
+    percent_hits,
+    wrapped,
 )
 from isthmus.dataplane.envoy.headers import HeaderMutations
 from isthmus.dataplane.envoy.lb import HashPolicy
 from isthmus.dataplane.envoy.matchers import (
-    HeaderMatcher, QueryParameterMatcher, StringMatcher, compile_pattern, compile_regex,
+    HeaderMatcher,
+    QueryParameterMatcher,
+    StringMatcher,
+    compile_pattern,
+    compile_regex,
     parse_query_first,
 )
 from isthmus.dataplane.envoy.retry import RetryPolicy
@@ -225,12 +235,15 @@ class MirrorPolicy:
         return percent_hits(*self.percent, random_value)
 
 
+_NO_MUTATIONS = HeaderMutations()
+
+
 @dataclass(frozen=True, slots=True)
 class WeightedCluster:
     name: str
     weight: int
-    request_headers: HeaderMutations = HeaderMutations()
-    response_headers: HeaderMutations = HeaderMutations()
+    request_headers: HeaderMutations = _NO_MUTATIONS
+    response_headers: HeaderMutations = _NO_MUTATIONS
     host_rewrite_literal: str | None = None
     per_filter: Mapping[str, Any] = field(default_factory=dict)
 
@@ -659,10 +672,9 @@ def _route(ctx: Ctx, r: Any, path: str, vh: Any, vh_name: str, vh_req: HeaderMut
     route_filters = _compile_per_filter(ctx, r.typed_per_filter_config, path)
     per_filter = {**vh_filters, **route_filters}
     cors = None
-    for v in (route_filters, ):
-        for fv in v.values():
-            if isinstance(fv, CorsPolicy):
-                cors = fv
+    for fv in route_filters.values():
+        if isinstance(fv, CorsPolicy):
+            cors = fv
     if cors is None and action is not None and r.route.HasField("cors"):
         cors = CorsPolicy.from_proto(ctx, r.route.cors, join(path, "route.cors"))
     if cors is None:
@@ -696,8 +708,16 @@ def _port_start(host: str) -> int:
 class RouteTable:
     """A compiled RouteConfiguration. Build with ``from_proto``; then ``match``."""
 
-    __slots__ = ("name", "virtual_hosts", "_exact", "_suffix", "_prefix", "_default",
-                 "ignore_port", "internal_only_headers")
+    __slots__ = (
+        "_default",
+        "_exact",
+        "_prefix",
+        "_suffix",
+        "ignore_port",
+        "internal_only_headers",
+        "name",
+        "virtual_hosts",
+    )
 
     def __init__(self, name: str, virtual_hosts: tuple[VirtualHost, ...],
                  exact: dict[str, VirtualHost],
