@@ -90,11 +90,11 @@ class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         finally:
             reader.cancel()
 
-    async def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802
+    async def StreamAggregatedResources(self, request_iterator, context):
         async for resp in self._serve("sotw", request_iterator):
             yield resp
 
-    async def DeltaAggregatedResources(self, request_iterator, context):  # noqa: N802
+    async def DeltaAggregatedResources(self, request_iterator, context):
         async for resp in self._serve("delta", request_iterator):
             yield resp
 

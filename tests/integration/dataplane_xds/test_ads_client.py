@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
@@ -41,7 +41,7 @@ class Harness:
         self.applied: list[tuple[str, list[str], list[str]]] = []
         self.client: AdsClient | None = None
 
-    async def __aenter__(self) -> Harness:
+    async def __aenter__(self) -> Harness:  # noqa: PYI034
         await self.srv.start()
         kw = dict(self.kw)
         kw.setdefault("backoff", Backoff(0.02, 0.1))
@@ -54,7 +54,7 @@ class Harness:
         self.client.start()
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         assert self.client is not None
         await self.client.stop()
         await self.srv.stop()

@@ -86,7 +86,7 @@ def test_listener_waits_for_routes_and_the_clusters_they_use() -> None:
 
 
 def test_initial_fetch_timeout_activates_and_reports_deadline() -> None:
-    st, clock, log = make(timeout=15.0)
+    st, clock, _ = make(timeout=15.0)
     commit(st, CDS, "1", eds_cluster("c"))
     commit(st, LDS, "1", tcp_listener("t", 9000, "c"))
     assert st.next_warming_deadline() == 115.0

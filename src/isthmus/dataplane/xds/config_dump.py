@@ -16,7 +16,8 @@ import logging
 import pkgutil
 from typing import TYPE_CHECKING, Any
 
-from envoy.admin.v3 import config_dump_pb2, config_dump_shared_pb2 as shared
+from envoy.admin.v3 import config_dump_pb2
+from envoy.admin.v3 import config_dump_shared_pb2 as shared
 from google.protobuf import any_pb2, json_format, timestamp_pb2
 
 from isthmus.dataplane.xds import types
@@ -172,7 +173,7 @@ def _load_type(url: str) -> bool:
             try:
                 importlib.import_module(f"{package}.{info.name}")
                 loaded = True
-            except Exception:  # noqa: BLE001 - a broken module must not break the dump
+            except Exception:
                 log.debug("cannot import %s.%s", package, info.name, exc_info=True)
     return loaded
 

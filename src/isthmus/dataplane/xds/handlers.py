@@ -123,7 +123,7 @@ class BaseHandler:
         if self._compile is not None:
             try:
                 value = self._compile(name, message)
-            except Exception as e:  # noqa: BLE001 - every failure is a rejection
+            except Exception as e:
                 raise as_rejection(e, name) from e
             self._pending[name] = (message, value)
 
@@ -155,15 +155,12 @@ class ClusterHandler(BaseHandler):
     message_type = cluster_pb2.Cluster
 
     def check(self, name: str, c: Any) -> None:
-        if c.WhichOneof("cluster_discovery_type") == "type" and c.type == cluster_pb2.Cluster.EDS:
-            if not c.HasField("eds_cluster_config") or not c.eds_cluster_config.HasField(
-                "eds_config"
-            ):
-                raise ConfigRejected(
-                    name,
-                    "eds_cluster_config.eds_config",
-                    "an EDS cluster needs an eds_config (ads: {} for ADS)",
-                )
+        if _is_eds(c) and not c.eds_cluster_config.HasField("eds_config"):
+            raise ConfigRejected(
+                name,
+                "eds_cluster_config.eds_config",
+                "an EDS cluster needs an eds_config (ads: {} for ADS)",
+            )
         if c.HasField("connect_timeout") and (
             c.connect_timeout.seconds < 0 or c.connect_timeout.nanos < 0
         ):
@@ -171,9 +168,13 @@ class ClusterHandler(BaseHandler):
         _check_endpoints(name, c.load_assignment, "load_assignment.")
 
     def references(self, name: str, c: Any) -> References:
-        if c.WhichOneof("cluster_discovery_type") == "type" and c.type == cluster_pb2.Cluster.EDS:
+        if _is_eds(c):
             return {types.ENDPOINT: frozenset({eds_service_name(c)})}
         return NO_REFERENCES
+
+
+def _is_eds(c: Any) -> bool:
+    return bool(c.WhichOneof("cluster_discovery_type") == "type" and c.type == cluster_pb2.Cluster.EDS)
 
 
 def eds_service_name(cluster: Any) -> str:

@@ -317,12 +317,12 @@ class XdsState:
         for ch in changes:
             try:
                 self.handlers[ch.type_url].apply(ch)
-            except Exception:  # noqa: BLE001 - a runtime bug must not kill the client
+            except Exception:
                 log.exception("%s handler failed to apply %s", types.short_name(ch.type_url), ch)
             for cb in list(self._on_change):
                 try:
                     cb(ch)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("xDS change callback failed")
         self._after_update()
 
@@ -332,7 +332,7 @@ class XdsState:
         for cb in list(self._on_update):
             try:
                 cb()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("xDS update callback failed")
 
     def _compute_ready(self) -> bool:
