@@ -34,18 +34,25 @@ SAMPLES_PREFIX = "istio-samples:"
 
 
 def _with_cluster_ip(res: Resource, ip: str) -> Resource:
-    return dataclasses.replace(res, spec=dataclasses.replace(res.spec, cluster_ip=ip, cluster_ips=(ip,)))
+    return dataclasses.replace(
+        res, spec=dataclasses.replace(res.spec, cluster_ip=ip, cluster_ips=(ip,))
+    )
 
 
 def load_resources(text: str, name: str = "<inline>") -> list[Resource]:
     result = load_text(text, name)
     if result.errors:
-        raise AssertionError(f"{name}: input does not parse: " + "; ".join(str(e) for e in result.errors))
+        raise AssertionError(
+            f"{name}: input does not parse: " + "; ".join(str(e) for e in result.errors)
+        )
     return list(result.resources)
 
 
 def snapshot_from(
-    resources: list[Resource], *, service_ips: dict[str, str] | None = None, mesh: dict[str, Any] | None = None
+    resources: list[Resource],
+    *,
+    service_ips: dict[str, str] | None = None,
+    mesh: dict[str, Any] | None = None,
 ) -> MeshSnapshot:
     from isthmus.controlplane.model.registry import build_snapshot
 
@@ -66,7 +73,11 @@ def load_case(path: Path, samples: Path) -> tuple[MeshSnapshot, ProxyNode]:
         raise AssertionError(f"{path}: the first document must be the `kind: TestCase` header")
     resources: list[Resource] = []
     for inc in header.get("include", []):
-        p = samples / inc[len(SAMPLES_PREFIX):] if inc.startswith(SAMPLES_PREFIX) else path.parent / inc
+        p = (
+            samples / inc[len(SAMPLES_PREFIX) :]
+            if inc.startswith(SAMPLES_PREFIX)
+            else path.parent / inc
+        )
         resources += load_resources(p.read_text(), str(p))
     rest = "\n---".join(docs[1:])
     if rest.strip():
@@ -83,7 +94,9 @@ def to_data(resources: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for type_url in sorted(resources):
         short = type_url.rsplit(".", 1)[-1]
         out[short] = {
-            name: json.loads(json.dumps(json_format.MessageToDict(msg, preserving_proto_field_name=True)))
+            name: json.loads(
+                json.dumps(json_format.MessageToDict(msg, preserving_proto_field_name=True))
+            )
             for name, msg in sorted(resources[type_url].items())
         }
     return out

@@ -23,7 +23,8 @@ from .harness import GOLDEN_DIR, dump, load_case, to_data
 
 CASES = sorted(p.name[: -len("-in.yaml")] for p in GOLDEN_DIR.glob("*-in.yaml"))
 HAVE_UPSTREAM = all(
-    importlib.util.find_spec(f"isthmus.controlplane.translate.{m}") is not None for m in ("clusters", "endpoints")
+    importlib.util.find_spec(f"isthmus.controlplane.translate.{m}") is not None
+    for m in ("clusters", "endpoints")
 )
 OWN_TYPES = ("Listener", "RouteConfiguration")
 
@@ -33,7 +34,10 @@ def _generate(mesh, proxy):  # type: ignore[no-untyped-def]
         return gen.generate(mesh, proxy)
     listeners = build_listeners(mesh, proxy)
     routes = build_routes(mesh, proxy, referenced_route_names(listeners))
-    return {gen.LISTENER_TYPE: {l.name: l for l in listeners}, gen.ROUTE_TYPE: {r.name: r for r in routes}}
+    return {
+        gen.LISTENER_TYPE: {l.name: l for l in listeners},
+        gen.ROUTE_TYPE: {r.name: r for r in routes},
+    }
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -53,7 +57,9 @@ def test_golden(case: str, istio_samples: Path) -> None:
         w, g = want.get(type_name, {}), got.get(type_name, {})
         assert sorted(g) == sorted(w), f"{case}: {type_name} names differ"
         for name in sorted(w):
-            assert dump(g[name]) == dump(w[name]), f"{case}: {type_name} {name!r} differs from the golden file"
+            assert dump(g[name]) == dump(w[name]), (
+                f"{case}: {type_name} {name!r} differs from the golden file"
+            )
 
 
 def test_cases_present() -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 from envoy.config.listener.v3 import listener_components_pb2 as lc
-from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 from isthmus.controlplane.model.proxy import ProxyNode
@@ -59,7 +61,13 @@ def _unpack(f: lc.Filter, msg):  # type: ignore[no-untyped-def]
 
 def test_sidecar_listener_set(mesh) -> None:  # type: ignore[no-untyped-def]
     got = _by_name(L.build_listeners(mesh, sidecar()))
-    assert set(got) == {"virtualOutbound", "virtualInbound", "0.0.0.0_80", "10.96.0.1_5000", "10.96.0.1_6000"}
+    assert set(got) == {
+        "virtualOutbound",
+        "virtualInbound",
+        "0.0.0.0_80",
+        "10.96.0.1_5000",
+        "10.96.0.1_6000",
+    }
     for name in ("0.0.0.0_80", "10.96.0.1_5000", "10.96.0.1_6000"):
         assert got[name].bind_to_port.value is False
 
@@ -71,7 +79,9 @@ def test_virtual_outbound_allow_any_and_registry_only(mesh) -> None:  # type: ig
     catchall = _unpack(vo.filter_chains[-1].filters[0], tcp_proxy_pb2.TcpProxy())
     assert catchall.cluster == "PassthroughCluster"
     strict = snapshot_from(load_resources(YAML), mesh={"outbound_traffic_policy": "REGISTRY_ONLY"})
-    catchall = _unpack(L.virtual_outbound(strict, sidecar()).filter_chains[-1].filters[0], tcp_proxy_pb2.TcpProxy())
+    catchall = _unpack(
+        L.virtual_outbound(strict, sidecar()).filter_chains[-1].filters[0], tcp_proxy_pb2.TcpProxy()
+    )
     assert catchall.cluster == "BlackHoleCluster"
 
 
@@ -80,7 +90,10 @@ def test_http_port_uses_rds_by_port_with_router_last(mesh) -> None:  # type: ign
     hcm = _unpack(lis.filter_chains[0].filters[0], hcm_pb2.HttpConnectionManager())
     assert hcm.rds.route_config_name == "80" and hcm.rds.config_source.HasField("ads")
     assert [f.name for f in hcm.http_filters] == [
-        "envoy.filters.http.fault", "envoy.filters.http.cors", "envoy.filters.http.router"]
+        "envoy.filters.http.fault",
+        "envoy.filters.http.cors",
+        "envoy.filters.http.router",
+    ]
 
 
 def test_tcp_and_sniffed_ports(mesh) -> None:  # type: ignore[no-untyped-def]
@@ -91,16 +104,22 @@ def test_tcp_and_sniffed_ports(mesh) -> None:  # type: ignore[no-untyped-def]
     assert [f.name for f in sniff.listener_filters] == ["envoy.filters.listener.http_inspector"]
     http_chain, tcp_chain = sniff.filter_chains
     assert list(http_chain.filter_chain_match.application_protocols) == ["http/1.1", "h2c"]
-    assert _unpack(http_chain.filters[0], hcm_pb2.HttpConnectionManager()).rds.route_config_name == (
-        "web.default.svc.cluster.local:6000")
-    assert _unpack(tcp_chain.filters[0], tcp_proxy_pb2.TcpProxy()).cluster == "outbound|6000||web.default.svc.cluster.local"
+    assert _unpack(
+        http_chain.filters[0], hcm_pb2.HttpConnectionManager()
+    ).rds.route_config_name == ("web.default.svc.cluster.local:6000")
+    assert (
+        _unpack(tcp_chain.filters[0], tcp_proxy_pb2.TcpProxy()).cluster
+        == "outbound|6000||web.default.svc.cluster.local"
+    )
 
 
 def test_inbound_chains_use_target_ports(mesh) -> None:  # type: ignore[no-untyped-def]
     vi = L.virtual_inbound(mesh, sidecar())
     assert [f.name for f in vi.listener_filters] == [
-        "envoy.filters.listener.original_dst", "envoy.filters.listener.tls_inspector",
-        "envoy.filters.listener.http_inspector"]
+        "envoy.filters.listener.original_dst",
+        "envoy.filters.listener.tls_inspector",
+        "envoy.filters.listener.http_inspector",
+    ]
     ports = [(c.name, c.filter_chain_match.destination_port.value) for c in vi.filter_chains]
     assert ("0.0.0.0_8080", 8080) in ports and ("0.0.0.0_5000", 5000) in ports
     http = next(c for c in vi.filter_chains if c.name == "0.0.0.0_8080")
@@ -114,7 +133,12 @@ def test_inbound_security_hook_receives_each_port(mesh) -> None:  # type: ignore
 
     def strict(mesh, proxy, port, plaintext):  # type: ignore[no-untyped-def]
         seen.append(port.port)
-        return [lc.FilterChain(name=f"mtls-{port.port}", filter_chain_match=lc.FilterChainMatch(transport_protocol="tls"))]
+        return [
+            lc.FilterChain(
+                name=f"mtls-{port.port}",
+                filter_chain_match=lc.FilterChainMatch(transport_protocol="tls"),
+            )
+        ]
 
     vi = L.virtual_inbound(mesh, sidecar(), strict)
     assert sorted(seen) == [5000, 6000, 8080]
@@ -123,8 +147,11 @@ def test_inbound_security_hook_receives_each_port(mesh) -> None:  # type: ignore
 
 def test_proxyless_api_listeners(mesh) -> None:  # type: ignore[no-untyped-def]
     got = _by_name(L.build_listeners(mesh, sidecar(GENERATOR="grpc")))
-    assert set(got) == {"web.default.svc.cluster.local:80", "web.default.svc.cluster.local:5000",
-                        "web.default.svc.cluster.local:6000"}
+    assert set(got) == {
+        "web.default.svc.cluster.local:80",
+        "web.default.svc.cluster.local:5000",
+        "web.default.svc.cluster.local:6000",
+    }
     hcm = hcm_pb2.HttpConnectionManager()
     got["web.default.svc.cluster.local:80"].api_listener.api_listener.Unpack(hcm)
     assert hcm.rds.route_config_name == "web.default.svc.cluster.local:80"
@@ -143,4 +170,6 @@ def test_referenced_routes_all_built(mesh) -> None:  # type: ignore[no-untyped-d
 def test_check_consistent_reports_missing_routes(mesh) -> None:  # type: ignore[no-untyped-def]
     listeners = L.build_listeners(mesh, sidecar())
     with pytest.raises(gen.InconsistentConfig, match="route configurations"):
-        gen.check_consistent({gen.LISTENER_TYPE: {l.name: l for l in listeners}, gen.ROUTE_TYPE: {}})
+        gen.check_consistent(
+            {gen.LISTENER_TYPE: {l.name: l for l in listeners}, gen.ROUTE_TYPE: {}}
+        )

@@ -20,7 +20,12 @@ from google.protobuf.message import Message
 
 from isthmus.controlplane.model.mesh import MeshSnapshot
 from isthmus.controlplane.model.proxy import ProxyNode
-from isthmus.controlplane.translate.listeners import InboundChainPolicy, build_listeners, plaintext_only, referenced_route_names
+from isthmus.controlplane.translate.listeners import (
+    InboundChainPolicy,
+    build_listeners,
+    plaintext_only,
+    referenced_route_names,
+)
 from isthmus.controlplane.translate.routes import build_routes
 from isthmus.controlplane.xds import types as xds_types  # type URLs only; no grpc
 
@@ -76,9 +81,13 @@ def generate(
 def check_consistent(resources: Resources) -> None:
     """Every RDS name a listener references exists; every EDS cluster has a load assignment."""
     listeners = resources.get(LISTENER_TYPE, {}).values()
-    missing_routes = [n for n in referenced_route_names(listeners) if n not in resources.get(ROUTE_TYPE, {})]  # type: ignore[arg-type]
+    missing_routes = [
+        n for n in referenced_route_names(listeners) if n not in resources.get(ROUTE_TYPE, {})
+    ]  # type: ignore[arg-type]
     if missing_routes:
-        raise InconsistentConfig(f"listeners reference route configurations that were not built: {missing_routes}")
+        raise InconsistentConfig(
+            f"listeners reference route configurations that were not built: {missing_routes}"
+        )
     eds = eds_cluster_names(resources.get(CLUSTER_TYPE, {}).values())  # type: ignore[arg-type]
     missing_eds = [n for n in eds if n not in resources.get(ENDPOINT_TYPE, {})]
     if missing_eds:

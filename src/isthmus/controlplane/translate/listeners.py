@@ -23,11 +23,13 @@ Neighbours: ``routes`` (builds what the RDS names point at), ``generate``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Protocol as TypingProtocol
+from typing import Protocol as TypingProtocol
 
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
-from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2 as lc, listener_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
+from envoy.config.listener.v3 import listener_components_pb2 as lc
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.cors.v3 import cors_pb2
@@ -36,13 +38,16 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
-from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from google.protobuf import wrappers_pb2
 
 from isthmus.api.istio import networking as net
 from isthmus.api.meta import Resource
+from isthmus.controlplane.model.hosts import host_matches, normalize_gateway_name
 from isthmus.controlplane.model.mesh import MeshSnapshot
 from isthmus.controlplane.model.proxy import ProxyNode
 from isthmus.controlplane.model.types import Protocol, Service
@@ -95,7 +100,9 @@ def _hcm_base(stat_prefix: str) -> hcm_pb2.HttpConnectionManager:
     out = hcm_pb2.HttpConnectionManager(stat_prefix=stat_prefix, http_filters=http_filters())
     out.normalize_path.value = True
     out.stream_idle_timeout.FromSeconds(0)
-    out.upgrade_configs.append(hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket"))
+    out.upgrade_configs.append(
+        hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")
+    )
     return out
 
 
@@ -106,7 +113,9 @@ def hcm_rds(stat_prefix: str, route_name: str) -> hcm_pb2.HttpConnectionManager:
     return out
 
 
-def hcm_inline(stat_prefix: str, route_config: route_pb2.RouteConfiguration) -> hcm_pb2.HttpConnectionManager:
+def hcm_inline(
+    stat_prefix: str, route_config: route_pb2.RouteConfiguration
+) -> hcm_pb2.HttpConnectionManager:
     out = _hcm_base(stat_prefix)
     out.route_config.CopyFrom(route_config)
     return out
@@ -120,12 +129,16 @@ def hcm_filter(hcm: hcm_pb2.HttpConnectionManager) -> lc.Filter:
     return network_filter(HCM_FILTER, hcm)
 
 
-def tcp_proxy_filter(stat_prefix: str, cluster: str = "", weighted: Iterable[tuple[str, int]] = ()) -> lc.Filter:
+def tcp_proxy_filter(
+    stat_prefix: str, cluster: str = "", weighted: Iterable[tuple[str, int]] = ()
+) -> lc.Filter:
     tp = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix)
     weighted = list(weighted)
     if weighted:
         for name, w in weighted:
-            tp.weighted_clusters.clusters.append(tcp_proxy_pb2.TcpProxy.WeightedCluster.ClusterWeight(name=name, weight=w))
+            tp.weighted_clusters.clusters.append(
+                tcp_proxy_pb2.TcpProxy.WeightedCluster.ClusterWeight(name=name, weight=w)
+            )
     else:
         tp.cluster = cluster
     return network_filter(TCP_PROXY_FILTER, tp)
@@ -148,10 +161,14 @@ def http_inspector() -> lc.ListenerFilter:
 
 
 def socket_address(address: str, port: int) -> address_pb2.Address:
-    return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=address, port_value=port))
+    return address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(address=address, port_value=port)
+    )
 
 
-def _listener(name: str, address: str, port: int, direction: int | None = None) -> listener_pb2.Listener:
+def _listener(
+    name: str, address: str, port: int, direction: int | None = None
+) -> listener_pb2.Listener:
     out = listener_pb2.Listener(name=name, address=socket_address(address, port))
     if direction is not None:
         out.traffic_direction = direction  # type: ignore[assignment]
@@ -169,12 +186,22 @@ def virtual_outbound(mesh: MeshSnapshot, proxy: ProxyNode) -> listener_pb2.Liste
     out.filter_chains.append(
         lc.FilterChain(
             name="virtualOutbound-blackhole",
-            filter_chain_match=lc.FilterChainMatch(destination_port=wrappers_pb2.UInt32Value(value=OUTBOUND_CAPTURE_PORT)),
+            filter_chain_match=lc.FilterChainMatch(
+                destination_port=wrappers_pb2.UInt32Value(value=OUTBOUND_CAPTURE_PORT)
+            ),
             filters=[tcp_proxy_filter(BLACKHOLE_CLUSTER, BLACKHOLE_CLUSTER)],
         )
     )
-    catchall = BLACKHOLE_CLUSTER if R.outbound_policy(mesh, proxy) == "REGISTRY_ONLY" else PASSTHROUGH_CLUSTER
-    out.filter_chains.append(lc.FilterChain(name="virtualOutbound-catchall-tcp", filters=[tcp_proxy_filter(catchall, catchall)]))
+    catchall = (
+        BLACKHOLE_CLUSTER
+        if R.outbound_policy(mesh, proxy) == "REGISTRY_ONLY"
+        else PASSTHROUGH_CLUSTER
+    )
+    out.filter_chains.append(
+        lc.FilterChain(
+            name="virtualOutbound-catchall-tcp", filters=[tcp_proxy_filter(catchall, catchall)]
+        )
+    )
     return out
 
 
@@ -221,14 +248,20 @@ def _vip(svc: Service) -> str:
     return ""
 
 
-def tcp_destinations(mesh: MeshSnapshot, proxy: ProxyNode, svc: Service, port: int) -> list[tuple[str, int]]:
+def tcp_destinations(
+    mesh: MeshSnapshot, proxy: ProxyNode, svc: Service, port: int
+) -> list[tuple[str, int]]:
     """Weighted clusters for a TCP service from the first applicable VS tcp route, or the
     service's own cluster (Istio: first matching ``tcp`` route of a mesh-bound VS)."""
     for vs in mesh.virtual_services_for(proxy, frozenset({R.MESH_GATEWAY})):
         spec: net.VirtualService = vs.spec
         if not spec.tcp:
             continue
-        if not any(mesh.resolve_host(h, vs.namespace) == svc.hostname or ("*" in h and R.host_matches(h, svc.hostname)) for h in spec.hosts):
+        if not any(
+            mesh.resolve_host(h, vs.namespace) == svc.hostname
+            or ("*" in h and host_matches(h, svc.hostname))
+            for h in spec.hosts
+        ):
             continue
         for tcp in spec.tcp:
             if tcp.match and not any(_l4_match(m, proxy, port, vs.namespace) for m in tcp.match):
@@ -250,7 +283,7 @@ def _l4_match(m: net.L4MatchAttributes, proxy: ProxyNode, port: int, vs_namespac
     if m.port and m.port != port:
         return False
     if m.gateways:
-        return any(R._normalize_gateway(g, vs_namespace) == R.MESH_GATEWAY for g in m.gateways)
+        return any(normalize_gateway_name(g, vs_namespace) == R.MESH_GATEWAY for g in m.gateways)
     if not all(proxy.labels.get(k) == v for k, v in m.source_labels.items()):
         return False
     return not m.source_namespace or m.source_namespace == proxy.namespace
@@ -278,7 +311,9 @@ def outbound_listeners(mesh: MeshSnapshot, proxy: ProxyNode) -> list[listener_pb
     for port in http_ports:
         name = listener_name(WILDCARD, port)
         lis = _outbound_listener(name, WILDCARD, port)
-        lis.filter_chains.append(lc.FilterChain(filters=[hcm_filter(hcm_rds(f"outbound_{WILDCARD}_{port}", str(port)))]))
+        lis.filter_chains.append(
+            lc.FilterChain(filters=[hcm_filter(hcm_rds(f"outbound_{WILDCARD}_{port}", str(port)))])
+        )
         by_name[name] = lis
     for op in sorted(ports, key=lambda p: (p.port, p.service.hostname)):
         if op.protocol.is_http:
@@ -298,14 +333,20 @@ def outbound_listeners(mesh: MeshSnapshot, proxy: ProxyNode) -> list[listener_pb
             route = R.domain_name(op.service.hostname, op.port) if vip else str(op.port)
             lis.filter_chains.append(
                 lc.FilterChain(
-                    filter_chain_match=lc.FilterChainMatch(application_protocols=list(PLAINTEXT_HTTP_ALPNS)),
+                    filter_chain_match=lc.FilterChainMatch(
+                        application_protocols=list(PLAINTEXT_HTTP_ALPNS)
+                    ),
                     filters=[hcm_filter(hcm_rds(f"outbound_{address}_{op.port}", route))],
                 )
             )
             if vip:
                 lis.filter_chains.append(_tcp_chain(mesh, proxy, op.service, op.port))
             else:
-                lis.filter_chains.append(lc.FilterChain(filters=[tcp_proxy_filter(PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER)]))
+                lis.filter_chains.append(
+                    lc.FilterChain(
+                        filters=[tcp_proxy_filter(PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER)]
+                    )
+                )
         else:
             lis.filter_chains.append(_tcp_chain(mesh, proxy, op.service, op.port))
         by_name[name] = lis
@@ -337,7 +378,9 @@ def inbound_ports(mesh: MeshSnapshot, proxy: ProxyNode) -> list[InboundPort]:
         for ing in sidecar.spec.ingress:
             if ing.port is None or ing.port.number is None:
                 continue
-            proto = _egress_protocol(R.EgressScope(protocol=ing.port.protocol), Protocol.UNSUPPORTED)
+            proto = _egress_protocol(
+                R.EgressScope(protocol=ing.port.protocol), Protocol.UNSUPPORTED
+            )
             target = ing.port.target_port or ing.port.number
             out.setdefault(target, InboundPort(target, proto, "", ing.port.number))
         return [out[p] for p in sorted(out)]
@@ -383,7 +426,9 @@ def plaintext_inbound_chains(ip: InboundPort) -> list[lc.FilterChain]:
         return [
             lc.FilterChain(
                 name=name,
-                filter_chain_match=lc.FilterChainMatch(destination_port=dport, transport_protocol=RAW_BUFFER),
+                filter_chain_match=lc.FilterChainMatch(
+                    destination_port=dport, transport_protocol=RAW_BUFFER
+                ),
                 filters=_inbound_http_filters(ip),
             )
         ]
@@ -392,20 +437,26 @@ def plaintext_inbound_chains(ip: InboundPort) -> list[lc.FilterChain]:
             lc.FilterChain(
                 name=name,
                 filter_chain_match=lc.FilterChainMatch(
-                    destination_port=dport, transport_protocol=RAW_BUFFER, application_protocols=list(PLAINTEXT_HTTP_ALPNS)
+                    destination_port=dport,
+                    transport_protocol=RAW_BUFFER,
+                    application_protocols=list(PLAINTEXT_HTTP_ALPNS),
                 ),
                 filters=_inbound_http_filters(ip),
             ),
             lc.FilterChain(
                 name=name,
-                filter_chain_match=lc.FilterChainMatch(destination_port=dport, transport_protocol=RAW_BUFFER),
+                filter_chain_match=lc.FilterChainMatch(
+                    destination_port=dport, transport_protocol=RAW_BUFFER
+                ),
                 filters=_inbound_tcp_filters(ip),
             ),
         ]
     return [
         lc.FilterChain(
             name=name,
-            filter_chain_match=lc.FilterChainMatch(destination_port=dport, transport_protocol=RAW_BUFFER),
+            filter_chain_match=lc.FilterChainMatch(
+                destination_port=dport, transport_protocol=RAW_BUFFER
+            ),
             filters=_inbound_tcp_filters(ip),
         )
     ]
@@ -419,7 +470,11 @@ class InboundChainPolicy(TypingProtocol):
     STRICT replaces them, DISABLE keeps them. The default keeps plaintext only."""
 
     def __call__(
-        self, mesh: MeshSnapshot, proxy: ProxyNode, port: InboundPort, plaintext: list[lc.FilterChain]
+        self,
+        mesh: MeshSnapshot,
+        proxy: ProxyNode,
+        port: InboundPort,
+        plaintext: list[lc.FilterChain],
     ) -> list[lc.FilterChain]: ...
 
 
@@ -434,13 +489,17 @@ def _passthrough_http_chain() -> lc.FilterChain:
     action.max_stream_duration.max_stream_duration.FromSeconds(0)
     action.max_stream_duration.grpc_timeout_header_max.FromSeconds(0)
     vh = rc.VirtualHost(
-        name="inbound|http|0", domains=["*"], routes=[rc.Route(name=R.DEFAULT_ROUTE_NAME, match=rc.RouteMatch(prefix="/"), route=action)]
+        name="inbound|http|0",
+        domains=["*"],
+        routes=[rc.Route(name=R.DEFAULT_ROUTE_NAME, match=rc.RouteMatch(prefix="/"), route=action)],
     )
     rcfg = route_pb2.RouteConfiguration(name="InboundPassthroughClusterIpv4", virtual_hosts=[vh])
     rcfg.validate_clusters.value = False
     return lc.FilterChain(
         name="virtualInbound-catchall-http",
-        filter_chain_match=lc.FilterChainMatch(transport_protocol=RAW_BUFFER, application_protocols=list(PLAINTEXT_HTTP_ALPNS)),
+        filter_chain_match=lc.FilterChainMatch(
+            transport_protocol=RAW_BUFFER, application_protocols=list(PLAINTEXT_HTTP_ALPNS)
+        ),
         filters=[hcm_filter(hcm_inline(INBOUND_PASSTHROUGH_CLUSTER_IPV4, rcfg))],
     )
 
@@ -451,11 +510,15 @@ def virtual_inbound(
     out = _listener(VIRTUAL_INBOUND, WILDCARD, INBOUND_CAPTURE_PORT, base_pb2.INBOUND)
     out.listener_filters.extend([original_dst(), tls_inspector(), http_inspector()])
     out.continue_on_listener_filters_timeout = True
-    out.listener_filters_timeout.FromNanoseconds(int(mesh.mesh.protocol_detection_timeout_seconds * 1e9))
+    out.listener_filters_timeout.FromNanoseconds(
+        int(mesh.mesh.protocol_detection_timeout_seconds * 1e9)
+    )
     out.filter_chains.append(
         lc.FilterChain(
             name="virtualInbound-blackhole",
-            filter_chain_match=lc.FilterChainMatch(destination_port=wrappers_pb2.UInt32Value(value=INBOUND_CAPTURE_PORT)),
+            filter_chain_match=lc.FilterChainMatch(
+                destination_port=wrappers_pb2.UInt32Value(value=INBOUND_CAPTURE_PORT)
+            ),
             filters=[tcp_proxy_filter(BLACKHOLE_CLUSTER, BLACKHOLE_CLUSTER)],
         )
     )
@@ -468,7 +531,11 @@ def virtual_inbound(
             lc.FilterChain(
                 name=VIRTUAL_INBOUND,
                 filter_chain_match=lc.FilterChainMatch(transport_protocol=tp),
-                filters=[tcp_proxy_filter(INBOUND_PASSTHROUGH_CLUSTER_IPV4, INBOUND_PASSTHROUGH_CLUSTER_IPV4)],
+                filters=[
+                    tcp_proxy_filter(
+                        INBOUND_PASSTHROUGH_CLUSTER_IPV4, INBOUND_PASSTHROUGH_CLUSTER_IPV4
+                    )
+                ],
             )
         )
     return out
@@ -497,7 +564,9 @@ def downstream_tls(server: net.Server) -> tls_pb2.DownstreamTlsContext | None:
         common.tls_certificate_sds_secret_configs.append(sds_secret(SDS_PREFIX + cred))
     if mode in ("MUTUAL", "OPTIONAL_MUTUAL"):
         if cred:
-            common.validation_context_sds_secret_config.CopyFrom(sds_secret(SDS_PREFIX + cred + "-cacert"))
+            common.validation_context_sds_secret_config.CopyFrom(
+                sds_secret(SDS_PREFIX + cred + "-cacert")
+            )
         ctx.require_client_certificate.value = mode == "MUTUAL"
     return ctx
 
@@ -523,7 +592,9 @@ def gateway_listeners(mesh: MeshSnapshot, proxy: ProxyNode) -> list[listener_pb2
                 needs_tls_inspector = True
                 names = [R._server_host_parts(h)[1] for h in server.hosts]
                 match = lc.FilterChainMatch(server_names=[h for h in names if h != "*"])
-                chain = lc.FilterChain(filter_chain_match=match, filters=[hcm_filter(hcm_rds(stat, route))])
+                chain = lc.FilterChain(
+                    filter_chain_match=match, filters=[hcm_filter(hcm_rds(stat, route))]
+                )
                 chain.transport_socket.name = TLS_TRANSPORT_SOCKET
                 chain.transport_socket.typed_config.CopyFrom(R.pack(ctx))
                 lis.filter_chains.append(chain)
@@ -550,7 +621,9 @@ def grpc_listeners(mesh: MeshSnapshot, proxy: ProxyNode) -> list[listener_pb2.Li
         hcm = hcm_pb2.HttpConnectionManager(http_filters=http_filters(proxyless=True))
         hcm.rds.config_source.CopyFrom(ads_source())
         hcm.rds.route_config_name = name
-        lis = listener_pb2.Listener(name=name, address=socket_address(_vip(op.service) or WILDCARD, op.port))
+        lis = listener_pb2.Listener(
+            name=name, address=socket_address(_vip(op.service) or WILDCARD, op.port)
+        )
         lis.api_listener.CopyFrom(api_listener_pb2.ApiListener(api_listener=R.pack(hcm)))
         out[name] = lis
     return [out[n] for n in sorted(out)]
@@ -567,7 +640,11 @@ def build_listeners(
         return grpc_listeners(mesh, proxy)
     if proxy.type is ProxyType.ROUTER:
         return gateway_listeners(mesh, proxy)
-    return [virtual_outbound(mesh, proxy), virtual_inbound(mesh, proxy, inbound_policy), *outbound_listeners(mesh, proxy)]
+    return [
+        virtual_outbound(mesh, proxy),
+        virtual_inbound(mesh, proxy, inbound_policy),
+        *outbound_listeners(mesh, proxy),
+    ]
 
 
 def _hcm_of(f: lc.Filter) -> hcm_pb2.HttpConnectionManager | None:
@@ -587,7 +664,10 @@ def referenced_route_names(listeners: Iterable[listener_pb2.Listener]) -> list[s
             hcm = hcm_pb2.HttpConnectionManager()
             lis.api_listener.api_listener.Unpack(hcm)
             hcms.append(hcm)
-        for chain in [*lis.filter_chains, *([lis.default_filter_chain] if lis.HasField("default_filter_chain") else [])]:
+        for chain in [
+            *lis.filter_chains,
+            *([lis.default_filter_chain] if lis.HasField("default_filter_chain") else []),
+        ]:
             for f in chain.filters:
                 h = _hcm_of(f)
                 if h is not None:

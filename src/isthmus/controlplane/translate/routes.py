@@ -21,9 +21,10 @@ is in the ``translate_*`` functions, pure and unit-tested on their own. Neighbou
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -39,10 +40,16 @@ from google.protobuf.message import Message
 
 from isthmus.api.istio import networking as net
 from isthmus.api.meta import Resource
+from isthmus.controlplane.model.hosts import (
+    egress_allows,
+    host_matches,
+    normalize_gateway_name,
+    parse_egress_host,
+)
 from isthmus.controlplane.model.mesh import MeshSnapshot
 from isthmus.controlplane.model.proxy import ProxyNode
 from isthmus.controlplane.model.types import Protocol, Service
-from isthmus.core.names import BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER, ProxyType, outbound_cluster
+from isthmus.core.names import PASSTHROUGH_CLUSTER, ProxyType, outbound_cluster
 
 # ----------------------------------------------------------------- well-known names
 
@@ -103,7 +110,9 @@ def domain_name(host: str, port: int) -> str:
 # ----------------------------------------------------------------- string/header matches
 
 
-def string_matcher(sm: net.StringMatch, *, ignore_case: bool = False) -> string_pb2.StringMatcher | None:
+def string_matcher(
+    sm: net.StringMatch, *, ignore_case: bool = False
+) -> string_pb2.StringMatcher | None:
     """Istio StringMatch → Envoy StringMatcher (exact / prefix / safe_regex)."""
     if sm.exact is not None:
         return string_pb2.StringMatcher(exact=sm.exact, ignore_case=ignore_case)
@@ -229,7 +238,9 @@ def _parse_retry_on(retry_on: str) -> tuple[str, list[int]]:
     return ",".join(words), codes
 
 
-def translate_retry(retry: net.HTTPRetry | None, *, consistent_hash: bool = False) -> rc.RetryPolicy | None:
+def translate_retry(
+    retry: net.HTTPRetry | None, *, consistent_hash: bool = False
+) -> rc.RetryPolicy | None:
     """Istio HTTPRetry → Envoy RetryPolicy. None → Istio's default; attempts 0 → no retries."""
     out = default_retry_policy(consistent_hash=consistent_hash)
     if retry is None:
@@ -247,7 +258,9 @@ def translate_retry(retry: net.HTTPRetry | None, *, consistent_hash: bool = Fals
     if retry.per_try_timeout is not None:
         out.per_try_timeout.CopyFrom(duration(retry.per_try_timeout))
     if retry.retry_remote_localities:
-        from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2 as pp
+        from envoy.extensions.retry.priority.previous_priorities.v3 import (
+            previous_priorities_config_pb2 as pp,
+        )
 
         out.retry_priority.CopyFrom(
             rc.RetryPolicy.RetryPriority(
@@ -260,7 +273,9 @@ def translate_retry(retry: net.HTTPRetry | None, *, consistent_hash: bool = Fals
     return out
 
 
-def set_timeout(action: rc.RouteAction, timeout: timedelta | None, *, proxyless: bool = False) -> None:
+def set_timeout(
+    action: rc.RouteAction, timeout: timedelta | None, *, proxyless: bool = False
+) -> None:
     """Istio: VS timeout or 0s (disabled). Envoy gets max_grpc_timeout, gRPC max_stream_duration."""
     t = duration(timeout)
     action.timeout.CopyFrom(t)
@@ -275,12 +290,14 @@ def set_timeout(action: rc.RouteAction, timeout: timedelta | None, *, proxyless:
 
 def _percent(p: net.Percent) -> percent_pb2.FractionalPercent:
     return percent_pb2.FractionalPercent(
-        numerator=int(round((p.value or 0.0) * 10000)), denominator=percent_pb2.FractionalPercent.MILLION
+        numerator=round((p.value or 0.0) * 10000), denominator=percent_pb2.FractionalPercent.MILLION
     )
 
 
 def _int_percent(p: int) -> percent_pb2.FractionalPercent:
-    return percent_pb2.FractionalPercent(numerator=p, denominator=percent_pb2.FractionalPercent.HUNDRED)
+    return percent_pb2.FractionalPercent(
+        numerator=p, denominator=percent_pb2.FractionalPercent.HUNDRED
+    )
 
 
 def translate_fault(fault: net.HTTPFaultInjection | None) -> fault_pb2.HTTPFault | None:
@@ -325,7 +342,9 @@ def translate_cors(cors: net.CorsPolicy) -> cors_pb2.CorsPolicy:
             if m is not None:
                 out.allow_origin_string_match.append(m)
     elif cors.allow_origin:
-        out.allow_origin_string_match.extend(string_pb2.StringMatcher(exact=o) for o in cors.allow_origin)
+        out.allow_origin_string_match.extend(
+            string_pb2.StringMatcher(exact=o) for o in cors.allow_origin
+        )
     out.filter_enabled.default_value.CopyFrom(_int_percent(100))
     if cors.allow_credentials is not None:
         out.allow_credentials.value = cors.allow_credentials
@@ -337,7 +356,9 @@ def translate_cors(cors: net.CorsPolicy) -> cors_pb2.CorsPolicy:
     return out
 
 
-def mirror_fraction(percentage: net.Percent | None, legacy_percent: int | None = None) -> base_pb2.RuntimeFractionalPercent | None:
+def mirror_fraction(
+    percentage: net.Percent | None, legacy_percent: int | None = None
+) -> base_pb2.RuntimeFractionalPercent | None:
     """Mirror percentage (100% when unset; explicit 0 disables the mirror)."""
     if percentage is not None:
         if (percentage.value or 0) <= 0:
@@ -370,7 +391,9 @@ def _authority(key: str) -> bool:
     return key.lower() in (":authority", "host")
 
 
-def _header_values(values: dict[str, str], append: bool) -> tuple[list[base_pb2.HeaderValueOption], str]:
+def _header_values(
+    values: dict[str, str], append: bool
+) -> tuple[list[base_pb2.HeaderValueOption], str]:
     action = (
         base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
         if append
@@ -384,7 +407,9 @@ def _header_values(values: dict[str, str], append: bool) -> tuple[list[base_pb2.
         if _internal(key):
             continue
         out.append(
-            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, value=values[key]), append_action=action)
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=key, value=values[key]), append_action=action
+            )
         )
     return out, authority
 
@@ -412,11 +437,15 @@ def translate_headers(headers: net.Headers | None) -> HeaderOps:
 # ----------------------------------------------------------------- redirect / direct response
 
 
-def translate_redirect(redirect: net.HTTPRedirect, *, listen_port: int, is_tls: bool = False) -> rc.RedirectAction | None:
+def translate_redirect(
+    redirect: net.HTTPRedirect, *, listen_port: int, is_tls: bool = False
+) -> rc.RedirectAction | None:
     code = _REDIRECT_CODES.get(redirect.redirect_code)
     if code is None:
         return None  # unsupported code: Istio drops the action
-    out = rc.RedirectAction(host_redirect=redirect.authority, path_redirect=redirect.uri, response_code=code)
+    out = rc.RedirectAction(
+        host_redirect=redirect.authority, path_redirect=redirect.uri, response_code=code
+    )
     if redirect.scheme:
         out.scheme_redirect = redirect.scheme
     port: int | None = None
@@ -426,7 +455,9 @@ def translate_redirect(redirect: net.HTTPRedirect, *, listen_port: int, is_tls: 
         port = listen_port
     if port is not None or redirect.derive_port is not None:
         scheme = redirect.scheme or ("https" if is_tls else "http")
-        if port is not None and not ((port == 80 and scheme == "http") or (port == 443 and scheme == "https")):
+        if port is not None and not (
+            (port == 80 and scheme == "http") or (port == 443 and scheme == "https")
+        ):
             out.port_redirect = port
     return out
 
@@ -461,13 +492,17 @@ class RouteContext:
         return self.proxy.is_proxyless_grpc
 
 
-def resolve_destination(ctx: RouteContext, dest: net.Destination, namespace: str) -> tuple[str, Service | None]:
+def resolve_destination(
+    ctx: RouteContext, dest: net.Destination, namespace: str
+) -> tuple[str, Service | None]:
     """Destination host (short names resolved in the VirtualService's namespace) → FQDN, service."""
     fqdn = ctx.mesh.resolve_host(dest.host, namespace) if dest.host else ""
     return fqdn, (ctx.mesh.service_for_host(fqdn, namespace) if fqdn else None)
 
 
-def destination_cluster(dest: net.Destination, fqdn: str, service: Service | None, listen_port: int) -> str:
+def destination_cluster(
+    dest: net.Destination, fqdn: str, service: Service | None, listen_port: int
+) -> str:
     """``outbound|port|subset|fqdn``: port from the destination, else the service's only port,
     else the listener port (Istio's GetDestinationCluster)."""
     if not fqdn:
@@ -514,7 +549,9 @@ def _hash_source(ctx: RouteContext, fqdn: str, subset: str, port: int | None) ->
     return None
 
 
-def hash_policies(ctx: RouteContext, fqdn: str, subset: str, port: int | None) -> list[rc.RouteAction.HashPolicy]:
+def hash_policies(
+    ctx: RouteContext, fqdn: str, subset: str, port: int | None
+) -> list[rc.RouteAction.HashPolicy]:
     source = _hash_source(ctx, fqdn, subset, port)
     if source is None:
         return []
@@ -531,24 +568,22 @@ def config_metadata(vs: Resource) -> base_pb2.Metadata:
     md = base_pb2.Metadata()
     s = struct_pb2.Struct()
     s.update(
-        {"config": f"/apis/networking.istio.io/v1/namespaces/{vs.namespace}/virtual-service/{vs.name}"}
+        {
+            "config": f"/apis/networking.istio.io/v1/namespaces/{vs.namespace}/virtual-service/{vs.name}"
+        }
     )
     md.filter_metadata["istio"].CopyFrom(s)
     return md
 
 
-def _normalize_gateway(name: str, namespace: str) -> str:
-    if name == MESH_GATEWAY or "/" in name:
-        return name
-    return f"{namespace}/{name}"
-
-
-def source_matches(match: net.HTTPMatchRequest | None, ctx: RouteContext, vs_namespace: str) -> bool:
+def source_matches(
+    match: net.HTTPMatchRequest | None, ctx: RouteContext, vs_namespace: str
+) -> bool:
     """Istio's sourceMatchHTTP: match.gateways (else source labels/namespace) select the proxy."""
     if match is None:
         return True
     if match.gateways:
-        return any(_normalize_gateway(g, vs_namespace) in ctx.gateways for g in match.gateways)
+        return any(normalize_gateway_name(g, vs_namespace) in ctx.gateways for g in match.gateways)
     if not all(ctx.proxy.labels.get(k) == v for k, v in match.source_labels.items()):
         return False
     return not match.source_namespace or match.source_namespace == ctx.proxy.namespace
@@ -564,7 +599,10 @@ def route_operation(route: rc.Route, vs_name: str, port: int) -> str:
         path = m.path
     elif which == "safe_regex":
         path = m.safe_regex.regex
-    if route.WhichOneof("action") == "route" and route.route.WhichOneof("cluster_specifier") == "cluster":
+    if (
+        route.WhichOneof("action") == "route"
+        and route.route.WhichOneof("cluster_specifier") == "cluster"
+    ):
         parts = route.route.cluster.split("|")
         if len(parts) == 4 and parts[1].isdigit():
             return f"{parts[3]}:{parts[1]}{path}"
@@ -681,7 +719,9 @@ def _route_action(
             if dops.authority:
                 cw.host_rewrite_literal = dops.authority
             action.weighted_clusters.clusters.append(cw)
-            action.hash_policy.extend(hash_policies(ctx, fqdn, dest.subset, _dest_port(dest, svc, ctx.listen_port)))
+            action.hash_policy.extend(
+                hash_policies(ctx, fqdn, dest.subset, _dest_port(dest, svc, ctx.listen_port))
+            )
         if not action.weighted_clusters.clusters:
             action.weighted_clusters.SetInParent()
     retry = translate_retry(http.retries, consistent_hash=consistent_hash)
@@ -741,7 +781,9 @@ def default_route(ctx: RouteContext, fqdn: str, port: int) -> rc.Route:
 # ----------------------------------------------------------------- domains
 
 
-def alt_hosts(hostname: str, port: int | None, proxy_namespace: str, domain_suffix: str) -> list[str]:
+def alt_hosts(
+    hostname: str, port: int | None, proxy_namespace: str, domain_suffix: str
+) -> list[str]:
     """Shorter names a Kubernetes service answers to from the proxy's namespace.
 
     Same namespace: ``name``, ``name.ns.svc``, ``name.ns``; other namespace: ``name.ns``,
@@ -767,7 +809,9 @@ def alt_hosts(hostname: str, port: int | None, proxy_namespace: str, domain_suff
     return out
 
 
-def virtual_host_domains(service: Service, port: int | None, proxy: ProxyNode, domain_suffix: str) -> list[str]:
+def virtual_host_domains(
+    service: Service, port: int | None, proxy: ProxyNode, domain_suffix: str
+) -> list[str]:
     """Istio's domain list for a service: FQDN, short names, VIPs — each with and
     without ``:port`` (``port=None`` for the bare names only)."""
     out: list[str] = [service.hostname]
@@ -783,17 +827,6 @@ def virtual_host_domains(service: Service, port: int | None, proxy: ProxyNode, d
 
 
 # ----------------------------------------------------------------- host matching / scoping
-
-
-def host_matches(pattern: str, hostname: str) -> bool:
-    """Istio host semantics: ``*`` any, ``*.example.com`` suffix, else exact."""
-    if pattern == "*":
-        return True
-    if pattern.startswith("*."):
-        return hostname.endswith(pattern[1:]) or (hostname.startswith("*.") and hostname.endswith(pattern[1:]))
-    if hostname.startswith("*."):
-        return pattern.endswith(hostname[1:])
-    return pattern == hostname
 
 
 @dataclass(frozen=True, slots=True)
@@ -814,7 +847,9 @@ def egress_scopes(mesh: MeshSnapshot, proxy: ProxyNode) -> list[EgressScope]:
     for e in sidecar.spec.egress:
         port = e.port.number if e.port is not None else None
         protocol = e.port.protocol if e.port is not None else ""
-        out.append(EgressScope(port=port, hosts=tuple(e.hosts) or ("*/*",), protocol=protocol, bind=e.bind))
+        out.append(
+            EgressScope(port=port, hosts=tuple(e.hosts) or ("*/*",), protocol=protocol, bind=e.bind)
+        )
     return out
 
 
@@ -823,19 +858,14 @@ def _ns_matches(ns_pattern: str, namespace: str, proxy: ProxyNode) -> bool:
         return True
     if ns_pattern == ".":
         return namespace == proxy.namespace
-    if ns_pattern == "~":
-        return False
-    return ns_pattern == namespace
+    return ns_pattern != "~" and ns_pattern == namespace
 
 
 def scope_allows(scope: EgressScope, proxy: ProxyNode, namespace: str, hostname: str) -> bool:
-    for h in scope.hosts:
-        ns_pattern, _, host_pattern = h.partition("/")
-        if not host_pattern:
-            ns_pattern, host_pattern = "*", ns_pattern
-        if _ns_matches(ns_pattern, namespace, proxy) and host_matches(host_pattern, hostname):
-            return True
-    return False
+    """Does the egress scope import ``hostname`` from ``namespace`` (``ns/host`` entries)?"""
+    return egress_allows(
+        [parse_egress_host(h, proxy.namespace) for h in scope.hosts], namespace, hostname
+    )
 
 
 def scope_for_port(scopes: Sequence[EgressScope], port: int) -> EgressScope | None:
@@ -850,16 +880,27 @@ def scope_for_port(scopes: Sequence[EgressScope], port: int) -> EgressScope | No
 
 
 def scoped_services(mesh: MeshSnapshot, proxy: ProxyNode, scope: EgressScope) -> list[Service]:
-    return [s for s in mesh.visible_services(proxy) if scope_allows(scope, proxy, s.namespace, s.hostname)]
+    return [
+        s
+        for s in mesh.visible_services(proxy)
+        if scope_allows(scope, proxy, s.namespace, s.hostname)
+    ]
 
 
 def scoped_virtual_services(
-    mesh: MeshSnapshot, proxy: ProxyNode, scope: EgressScope, gateways: frozenset[str] = frozenset({MESH_GATEWAY})
+    mesh: MeshSnapshot,
+    proxy: ProxyNode,
+    scope: EgressScope,
+    gateways: frozenset[str] = frozenset({MESH_GATEWAY}),
 ) -> list[Resource]:
     out = []
     for vs in mesh.virtual_services_for(proxy, gateways):
         ns = vs.namespace
-        if any(scope_allows(scope, proxy, ns, mesh.resolve_host(h, ns)) or scope_allows(scope, proxy, ns, h) for h in vs.spec.hosts):
+        if any(
+            scope_allows(scope, proxy, ns, mesh.resolve_host(h, ns))
+            or scope_allows(scope, proxy, ns, h)
+            for h in vs.spec.hosts
+        ):
             out.append(vs)
     return out
 
@@ -871,7 +912,9 @@ def _http_or_sniffed(protocol: Protocol) -> bool:
     return protocol.is_http or protocol is Protocol.UNSUPPORTED
 
 
-def _vs_services(mesh: MeshSnapshot, vs: Resource, services: dict[str, Service]) -> tuple[list[str], list[Service]]:
+def _vs_services(
+    mesh: MeshSnapshot, vs: Resource, services: dict[str, Service]
+) -> tuple[list[str], list[Service]]:
     """Split a VirtualService's hosts into registry services and plain hostnames."""
     hosts: list[str] = []
     matched: list[Service] = []
@@ -932,15 +975,23 @@ def sidecar_virtual_hosts(mesh: MeshSnapshot, proxy: ProxyNode, port: int) -> li
         if not routes:
             continue
         for h in plain_hosts:
-            add_vhost(domain_name(h, port), [h] if not proxyless else [h, domain_name(h, port)], routes)
+            add_vhost(
+                domain_name(h, port), [h] if not proxyless else [h, domain_name(h, port)], routes
+            )
         for s in matched:
             covered.add(s.hostname)
-            add_vhost(domain_name(s.hostname, port), virtual_host_domains(s, port, proxy, suffix), routes)
+            add_vhost(
+                domain_name(s.hostname, port), virtual_host_domains(s, port, proxy, suffix), routes
+            )
 
     for name, s in services.items():
         if name in covered:
             continue
-        add_vhost(domain_name(name, port), virtual_host_domains(s, port, proxy, suffix), [default_route(ctx, name, port)])
+        add_vhost(
+            domain_name(name, port),
+            virtual_host_domains(s, port, proxy, suffix),
+            [default_route(ctx, name, port)],
+        )
     vhosts.sort(key=lambda v: v.name)
     return vhosts
 
@@ -951,10 +1002,18 @@ def catch_all_virtual_host(mesh: MeshSnapshot, proxy: ProxyNode) -> rc.VirtualHo
         return rc.VirtualHost(
             name=BLOCK_ALL_VHOST,
             domains=["*"],
-            routes=[rc.Route(name=BLOCK_ALL_VHOST, match=rc.RouteMatch(prefix="/"), direct_response=rc.DirectResponseAction(status=502))],
+            routes=[
+                rc.Route(
+                    name=BLOCK_ALL_VHOST,
+                    match=rc.RouteMatch(prefix="/"),
+                    direct_response=rc.DirectResponseAction(status=502),
+                )
+            ],
             include_request_attempt_count=True,
         )
-    action = rc.RouteAction(cluster=PASSTHROUGH_CLUSTER, timeout=duration(None), max_grpc_timeout=duration(None))
+    action = rc.RouteAction(
+        cluster=PASSTHROUGH_CLUSTER, timeout=duration(None), max_grpc_timeout=duration(None)
+    )
     return rc.VirtualHost(
         name=ALLOW_ANY_VHOST,
         domains=["*"],
@@ -973,7 +1032,9 @@ def outbound_policy(mesh: MeshSnapshot, proxy: ProxyNode) -> str:
     return mesh.mesh.outbound_traffic_policy or "ALLOW_ANY"
 
 
-def _route_configuration(name: str, vhosts: Iterable[rc.VirtualHost], *, proxyless: bool = False) -> route_pb2.RouteConfiguration:
+def _route_configuration(
+    name: str, vhosts: Iterable[rc.VirtualHost], *, proxyless: bool = False
+) -> route_pb2.RouteConfiguration:
     out = route_pb2.RouteConfiguration(name=name, virtual_hosts=list(vhosts))
     if not proxyless:
         out.validate_clusters.value = False
@@ -981,25 +1042,35 @@ def _route_configuration(name: str, vhosts: Iterable[rc.VirtualHost], *, proxyle
     return out
 
 
-def build_sidecar_port_route(mesh: MeshSnapshot, proxy: ProxyNode, port: int) -> route_pb2.RouteConfiguration:
+def build_sidecar_port_route(
+    mesh: MeshSnapshot, proxy: ProxyNode, port: int
+) -> route_pb2.RouteConfiguration:
     """Route ``"<port>"`` of a sidecar: service vhosts + catch-all."""
     vhosts = sidecar_virtual_hosts(mesh, proxy, port)
     vhosts.append(catch_all_virtual_host(mesh, proxy))
     return _route_configuration(str(port), vhosts)
 
 
-def build_sniffed_route(mesh: MeshSnapshot, proxy: ProxyNode, hostname: str, port: int) -> route_pb2.RouteConfiguration:
+def build_sniffed_route(
+    mesh: MeshSnapshot, proxy: ProxyNode, hostname: str, port: int
+) -> route_pb2.RouteConfiguration:
     """Route ``"<fqdn>:<port>"`` of a sidecar's protocol-sniffing VIP listener: only that
     service's vhost, answering any Host (Istio's getVirtualHostsForSniffedServicePort)."""
     name = domain_name(hostname, port)
-    picked = [v for v in sidecar_virtual_hosts(mesh, proxy, port) if hostname in v.domains or name in v.domains]
+    picked = [
+        v
+        for v in sidecar_virtual_hosts(mesh, proxy, port)
+        if hostname in v.domains or name in v.domains
+    ]
     if len(picked) == 1:
         del picked[0].domains[:]
         picked[0].domains.append("*")
     return _route_configuration(name, picked)
 
 
-def build_grpc_route(mesh: MeshSnapshot, proxy: ProxyNode, hostname: str, port: int) -> route_pb2.RouteConfiguration:
+def build_grpc_route(
+    mesh: MeshSnapshot, proxy: ProxyNode, hostname: str, port: int
+) -> route_pb2.RouteConfiguration:
     """Route ``"<fqdn>:<port>"`` for a proxyless gRPC client: the service's one vhost."""
     name = domain_name(hostname, port)
     picked = [v for v in sidecar_virtual_hosts(mesh, proxy, port) if v.name == name]
@@ -1020,7 +1091,9 @@ def gateway_route_name(server: net.Server, gateway: Resource) -> str:
 
 def is_tls_server(server: net.Server) -> bool:
     proto = (server.port.protocol if server.port else "").upper()
-    return proto in ("HTTPS", "TLS") or (server.tls is not None and server.tls.mode not in (None, "") and proto != "HTTP")
+    return proto in ("HTTPS", "TLS") or (
+        server.tls is not None and server.tls.mode not in (None, "") and proto != "HTTP"
+    )
 
 
 def _server_host_parts(h: str) -> tuple[str, str]:
@@ -1036,7 +1109,9 @@ def _intersect(vs_host: str, server_host: str) -> str | None:
     return None
 
 
-def gateway_servers_for_route(mesh: MeshSnapshot, proxy: ProxyNode, route_name: str) -> list[tuple[Resource, net.Server]]:
+def gateway_servers_for_route(
+    mesh: MeshSnapshot, proxy: ProxyNode, route_name: str
+) -> list[tuple[Resource, net.Server]]:
     out = []
     for gw in mesh.gateways_for_proxy(proxy):
         for server in gw.spec.servers:
@@ -1047,7 +1122,9 @@ def gateway_servers_for_route(mesh: MeshSnapshot, proxy: ProxyNode, route_name: 
     return out
 
 
-def build_gateway_route(mesh: MeshSnapshot, proxy: ProxyNode, route_name: str) -> route_pb2.RouteConfiguration:
+def build_gateway_route(
+    mesh: MeshSnapshot, proxy: ProxyNode, route_name: str
+) -> route_pb2.RouteConfiguration:
     """Route config of an ingress gateway server port: a vhost per VirtualService host
     bound to the gateway(s) on that port; ``blackhole:<port>`` (404) when none."""
     servers = gateway_servers_for_route(mesh, proxy, route_name)
@@ -1055,7 +1132,9 @@ def build_gateway_route(mesh: MeshSnapshot, proxy: ProxyNode, route_name: str) -
     vhosts: dict[str, rc.VirtualHost] = {}
     for gw, server in servers:
         gw_name = f"{gw.namespace}/{gw.name}"
-        ctx = RouteContext(mesh, proxy, int(port or 0), gateways=frozenset({gw_name}), is_tls=is_tls_server(server))
+        ctx = RouteContext(
+            mesh, proxy, int(port or 0), gateways=frozenset({gw_name}), is_tls=is_tls_server(server)
+        )
         redirect = bool(server.tls and server.tls.https_redirect)
         for vs in mesh.virtual_services_for(proxy, frozenset({gw_name})):
             hosts: list[str] = []
@@ -1078,7 +1157,9 @@ def build_gateway_route(mesh: MeshSnapshot, proxy: ProxyNode, route_name: str) -
                     vhosts[name].routes.extend(routes)  # Istio merges VSes sharing a host
                     continue
                 domains = [h] if h == "*" else [h, name]
-                v = rc.VirtualHost(name=name, domains=domains, routes=routes, include_request_attempt_count=True)
+                v = rc.VirtualHost(
+                    name=name, domains=domains, routes=routes, include_request_attempt_count=True
+                )
                 if redirect:
                     v.require_tls = rc.VirtualHost.ALL
                 vhosts[name] = v
@@ -1088,7 +1169,13 @@ def build_gateway_route(mesh: MeshSnapshot, proxy: ProxyNode, route_name: str) -
             rc.VirtualHost(
                 name=f"blackhole:{port}",
                 domains=["*"],
-                routes=[rc.Route(name="default", match=rc.RouteMatch(prefix="/"), direct_response=rc.DirectResponseAction(status=404))],
+                routes=[
+                    rc.Route(
+                        name="default",
+                        match=rc.RouteMatch(prefix="/"),
+                        direct_response=rc.DirectResponseAction(status=404),
+                    )
+                ],
             )
         ]
     return _route_configuration(route_name, out_vhosts)
@@ -1097,7 +1184,9 @@ def build_gateway_route(mesh: MeshSnapshot, proxy: ProxyNode, route_name: str) -
 # ----------------------------------------------------------------- entry point
 
 
-def build_routes(mesh: MeshSnapshot, proxy: ProxyNode, route_names: Iterable[str]) -> list[route_pb2.RouteConfiguration]:
+def build_routes(
+    mesh: MeshSnapshot, proxy: ProxyNode, route_names: Iterable[str]
+) -> list[route_pb2.RouteConfiguration]:
     """Every route configuration the proxy's listeners name, in the order given.
 
     Names are read as Istio does: a bare port (sidecar), ``host:port`` (sniffed VIP
@@ -1121,4 +1210,3 @@ def build_route(mesh: MeshSnapshot, proxy: ProxyNode, name: str) -> route_pb2.Ro
             return build_grpc_route(mesh, proxy, host, int(port))
         return build_sniffed_route(mesh, proxy, host, int(port))
     return _route_configuration(name, [])
-
