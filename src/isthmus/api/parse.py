@@ -131,8 +131,6 @@ def parse_document(
     if info.namespaced and not metadata.namespace:
         metadata = _with_namespace(metadata, default_namespace)
     spec = from_data(info.spec_type, body if body is not None else {}, ctx, body_path, body_line)
-    if ctx.has_errors:
-        return [], ctx.diagnostics
     resource = Resource(
         api_version=api_version,
         kind=kind,
@@ -145,6 +143,15 @@ def parse_document(
     )
     from isthmus.api.validation import validate_resource  # late: validation imports kinds
 
+    if ctx.has_errors:
+        # Still run the semantic rules on the best-effort value, so users see every
+        # mistake at once; a rule tripping over a half-built value must not hide the
+        # conversion errors already found.
+        try:
+            semantic = validate_resource(resource)
+        except Exception:  # noqa: BLE001 - partial values may break a rule's assumptions
+            semantic = []
+        return [], ctx.diagnostics + semantic
     diags = ctx.diagnostics + validate_resource(resource)
     if any(d.severity is Severity.ERROR for d in diags):
         return [], diags

@@ -45,6 +45,8 @@ def line_at(raw: Any, path: Path, fallback: int = 0) -> int:
             key = seg
             if key not in node and isinstance(seg, int) and str(seg) in node:
                 key = str(seg)
+            elif key not in node and isinstance(seg, str) and seg.isdigit() and int(seg) in node:
+                key = int(seg)  # int-keyed maps (portLevelMtls) are printed as .8080
             if key not in node:
                 break
             line = node.key_lines.get(key, line)

@@ -97,7 +97,7 @@ def validate_peer_authentication(res: Resource) -> list[Diagnostic]:
     if pa.mtls is not None and pa.mtls.mode is not None and pa.mtls.mode not in sec.MTLS_MODES:
         c.error(s + ("mtls", "mode"), f"invalid mTLS mode {pa.mtls.mode!r}; expected one of: {', '.join(sec.MTLS_MODES)}")
     for port, mtls in pa.port_level_mtls.items():
-        pp = s + ("portLevelMtls", port)
+        pp = s + ("portLevelMtls", str(port))
         if not 1 <= port <= 65535:
             c.error(pp, "port must be in range 1..65535")
         if mtls is not None and mtls.mode is not None and mtls.mode not in sec.MTLS_MODES:
