@@ -431,3 +431,64 @@ def test_source_matches_gateways_and_namespace() -> None:
         net.HTTPMatchRequest(source_labels={"x": "1"}, source_namespace="a"), ctx, "default"
     )
     assert not R.source_matches(net.HTTPMatchRequest(source_namespace="b"), ctx, "default")
+
+
+HASH_YAML = """
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: default}
+spec:
+  clusterIP: 10.96.0.30
+  selector: {app: cart}
+  ports: [{name: http, port: 80}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: cart, namespace: default}
+spec:
+  host: cart
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpHeaderName: x-user}}
+  subsets:
+  - name: sticky
+    labels: {v: s}
+    trafficPolicy:
+      loadBalancer: {consistentHash: {useSourceIp: true}}
+"""
+
+HASH_VS = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: cart, namespace: default}
+spec:
+  hosts: [cart]
+  http:
+  - route:
+    - destination: {host: cart, subset: sticky}
+"""
+
+
+def test_hash_policy_from_destination_rule_with_subset_precedence() -> None:
+    pytest.importorskip("isthmus.controlplane.translate.clusters")
+    mesh = snapshot_from(load_resources(HASH_YAML))
+    (route,) = next(
+        v for v in R.build_route(mesh, proxy(), "80").virtual_hosts if v.name.startswith("cart")
+    ).routes
+    assert [h.header.header_name for h in route.route.hash_policy] == ["x-user"]
+    # Istio keeps the default retry policy (previous-hosts predicate) on the default route
+    assert route.name == "default" and route.route.retry_policy.retry_host_predicate
+    ctx = R.RouteContext(mesh, proxy(), 80)
+    (hp,) = R.hash_policies(ctx, "cart.default.svc.cluster.local", "sticky", 80)
+    assert hp.connection_properties.source_ip
+
+
+def test_vs_route_with_consistent_hash_retries_without_previous_hosts() -> None:
+    pytest.importorskip("isthmus.controlplane.translate.clusters")
+    mesh = snapshot_from(load_resources(HASH_YAML + "---" + HASH_VS))
+    vh = next(
+        v for v in R.build_route(mesh, proxy(), "80").virtual_hosts if v.name.startswith("cart")
+    )
+    (route,) = vh.routes
+    assert route.route.hash_policy[0].connection_properties.source_ip
+    assert route.route.retry_policy.num_retries.value == 2
+    assert not route.route.retry_policy.retry_host_predicate
