@@ -164,7 +164,10 @@ def test_referenced_routes_all_built(mesh) -> None:  # type: ignore[no-untyped-d
         listeners = L.build_listeners(mesh, p)
         names = L.referenced_route_names(listeners)
         assert names
-        assert [r.name for r in build_routes(mesh, p, names)] == names
+        built = build_routes(mesh, p, names)
+        assert [r.name for r in built] == names
+        if p.is_proxyless_grpc:  # every API listener's route has the service's vhost
+            assert all(len(r.virtual_hosts) == 1 for r in built)
 
 
 def test_check_consistent_reports_missing_routes(mesh) -> None:  # type: ignore[no-untyped-def]

@@ -1074,6 +1074,15 @@ def build_grpc_route(
     """Route ``"<fqdn>:<port>"`` for a proxyless gRPC client: the service's one vhost."""
     name = domain_name(hostname, port)
     picked = [v for v in sidecar_virtual_hosts(mesh, proxy, port) if v.name == name]
+    svc = mesh.service_for_host(hostname, proxy.namespace)
+    if not picked and svc is not None and svc.port(port) is not None:
+        # A non-HTTP port still gets a route, so a gRPC channel to it resolves.
+        ctx = RouteContext(mesh, proxy, port)
+        suffix = proxy.dns_domain or mesh.mesh.domain_suffix
+        domains = virtual_host_domains(svc, port, proxy, suffix)
+        picked = [
+            rc.VirtualHost(name=name, domains=domains, routes=[default_route(ctx, hostname, port)])
+        ]
     return _route_configuration(name, picked, proxyless=True)
 
 
