@@ -187,10 +187,10 @@ class _Analyzer:
             for j, dest in enumerate(route.route):
                 self._destination(r, c, dest.destination, hp + ("route", j, "destination"))
             self._destination(r, c, route.mirror, hp + ("mirror",))
-            for j, m in enumerate(route.mirrors):
-                self._destination(r, c, m.destination, hp + ("mirrors", j, "destination"))
-            for j, m in enumerate(route.match):
-                self._gateways(r, c, m.gateways, hp + ("match", j, "gateways"))
+            for j, mirror in enumerate(route.mirrors):
+                self._destination(r, c, mirror.destination, hp + ("mirrors", j, "destination"))
+            for j, match in enumerate(route.match):
+                self._gateways(r, c, match.gateways, hp + ("match", j, "gateways"))
             if route.delegate is not None and route.delegate.name:
                 ns = route.delegate.namespace or r.namespace
                 if not self.idx.exists(ISTIO, "VirtualService", ns, route.delegate.name):

@@ -866,12 +866,12 @@ def validate_sidecar(res: Resource) -> list[Diagnostic]:
             ports.add(ing.port.number)
         _enum(c, ing.capture_mode, {"DEFAULT", "IPTABLES", "NONE"}, ip + ("captureMode",))
         if ing.default_endpoint:
-            ep = ing.default_endpoint
-            if ep.startswith("unix://"):
-                if not ep[len("unix://"):]:
+            dep = ing.default_endpoint
+            if dep.startswith("unix://"):
+                if not dep[len("unix://"):]:
                     c.error(ip + ("defaultEndpoint",), "unix address must not be empty")
             else:
-                host, colon, port_s = ep.rpartition(":")
+                host, colon, port_s = dep.rpartition(":")
                 if not colon or host not in ("", "127.0.0.1", "0.0.0.0", "[::1]", "[::]"):
                     c.error(ip + ("defaultEndpoint",), "sidecar: defaultEndpoint must be of form "
                                                        "127.0.0.1:<port>, 0.0.0.0:<port>, [::1]:port, [::]:port, "
