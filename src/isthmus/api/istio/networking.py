@@ -40,7 +40,17 @@ class Percent:
 
 @dataclass(frozen=True, slots=True)
 class WorkloadSelector:
+    """istio.type.v1beta1.WorkloadSelector (``matchLabels``): DestinationRule and the
+    security/telemetry kinds."""
+
     match_labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkingWorkloadSelector:
+    """networking.v1alpha3.WorkloadSelector (``labels``): Sidecar and ServiceEntry."""
+
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,7 +506,7 @@ class ServiceEntry:
     location: str | None = None  # MESH_EXTERNAL MESH_INTERNAL
     resolution: str | None = None  # NONE STATIC DNS DNS_ROUND_ROBIN
     endpoints: tuple[WorkloadEntry, ...] = ()
-    workload_selector: WorkloadSelector | None = None
+    workload_selector: NetworkingWorkloadSelector | None = None
     export_to: tuple[str, ...] = ()
     subject_alt_names: tuple[str, ...] = ()
 
@@ -543,7 +553,7 @@ class InboundConnectionPool:
 
 @dataclass(frozen=True, slots=True)
 class Sidecar:
-    workload_selector: WorkloadSelector | None = None
+    workload_selector: NetworkingWorkloadSelector | None = None
     ingress: tuple[IstioIngressListener, ...] = ()
     egress: tuple[IstioEgressListener, ...] = ()
     inbound_connection_pool: ConnectionPoolSettings | None = None

@@ -735,7 +735,7 @@ def validate_service_entry(res: Resource) -> list[Diagnostic]:
     _enum(c, se.resolution, {"NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS"}, s + ("resolution",))
     _enum(c, se.location, {"MESH_EXTERNAL", "MESH_INTERNAL"}, s + ("location",))
     if se.workload_selector is not None:
-        c.workload_selector(se.workload_selector.match_labels, s + ("workloadSelector", "matchLabels"))
+        c.workload_selector(se.workload_selector.labels, s + ("workloadSelector", "labels"))
         if se.endpoints:
             c.error(s + ("endpoints",), "only one of WorkloadSelector or Endpoints is allowed in Service Entry")
     if not se.hosts:
@@ -850,7 +850,7 @@ def validate_sidecar(res: Resource) -> list[Diagnostic]:
     sc: n.Sidecar = res.spec
     s = c.spec
     if sc.workload_selector is not None:
-        c.workload_selector(sc.workload_selector.match_labels, s + ("workloadSelector", "matchLabels"))
+        c.workload_selector(sc.workload_selector.labels, s + ("workloadSelector", "labels"))
     if not sc.egress and not sc.ingress and sc.outbound_traffic_policy is None and sc.inbound_connection_pool is None:
         c.error(s, "sidecar: empty configuration provided")
     ports: set[int] = set()
