@@ -252,6 +252,7 @@ class Http1ServerConnection:
             return [Data(self._tunnel.stream_id, bytes(data), False)] if data else []
         if self._dead or self._input_done:
             return []
+        self._events = []
         if self._backlog or self.read_paused:
             data = self._backlog + data
             self._backlog = b""
@@ -262,7 +263,7 @@ class Http1ServerConnection:
                 return []
         if not data:
             return []
-        events = self._events = []
+        events = self._events
         head_started = not self._in_head
         try:
             self._parser.feed_data(data)
@@ -841,9 +842,9 @@ class Http1ClientConnection:
             return [Data(stream.stream_id, bytes(data), False)]
         if self._dead or not data:
             return []
+        events = self._events = []
         if stream is None:
             return self._fail("upstream sent bytes with no request outstanding")
-        events = self._events = []
         if self._head_mode:
             return self._receive_heads(bytes(data))
         self._feed(data)
