@@ -544,8 +544,8 @@ def build_snapshot(resources: Iterable[Resource], mesh: MeshConfig = MeshConfig(
     }
     services.sort(key=lambda s: (s.hostname, s.namespace, s.name))
     by_host: dict[str, list[Service]] = defaultdict(list)
-    for s in services:
-        by_host[s.hostname].append(s)
+    for svc_ in services:
+        by_host[svc_.hostname].append(svc_)
     frozen_eps = {
         k: tuple(sorted(v, key=lambda e: (e.address, e.port, e.workload_name))) for k, v in sorted(endpoints.items())
     }

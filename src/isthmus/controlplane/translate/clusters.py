@@ -128,8 +128,8 @@ def merge_traffic_policy(
     sub = apply_port(subset)
     if sub is None:
         return base
-    if base is None:
-        return sub
+    if base is None or subset is None:
+        return sub if base is None else base
     merged = base
     for f in ("load_balancer", "connection_pool", "outlier_detection", "tls", "tunnel", "proxy_protocol"):
         v = getattr(subset, f)
