@@ -614,3 +614,35 @@ def test_dns_service_without_endpoints_gets_no_cluster():
                   resolution=Resolution.DNS_LB, mesh_external=True, origin="ServiceEntry")
     snap = MeshSnapshot(version="1", mesh=MeshConfig(), services=(svc,))
     assert not any("dnswild" in c.name for c in build_clusters(snap, sidecar("default")))
+
+
+def test_proxyless_grpc_clusters_use_policies_grpc_supports():
+    """gRPC NACKs LEAST_REQUEST/RANDOM/MAGLEV ("LB policy is not supported")."""
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    from isthmus.api.parse import load_text
+    from isthmus.controlplane.model.proxy import ProxyNode
+    from isthmus.controlplane.model.registry import build_snapshot
+    from isthmus.controlplane.translate.clusters import build_clusters
+
+    docs = """\
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: default}
+spec: {selector: {app: echo}, ports: [{name: grpc, port: 7070}]}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: default}
+spec:
+  host: echo
+  trafficPolicy: {loadBalancer: {consistentHash: {maglev: {tableSize: 65537}, httpHeaderName: x-user}}}
+  subsets: [{name: v1, labels: {version: v1}, trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}}]
+"""
+    mesh = build_snapshot(load_text(docs).resources)
+    proxy = ProxyNode.from_metadata("sidecar~10.0.0.9~c.default~default.svc.cluster.local",
+                                    {"NAMESPACE": "default", "GENERATOR": "grpc"})
+    by_name = {c.name: c for c in build_clusters(mesh, proxy)}
+    assert by_name["outbound|7070||echo.default.svc.cluster.local"].lb_policy == cluster_pb2.Cluster.RING_HASH
+    v1 = by_name["outbound|7070|v1|echo.default.svc.cluster.local"]
+    assert v1.lb_policy == cluster_pb2.Cluster.ROUND_ROBIN and not v1.HasField("least_request_lb_config")

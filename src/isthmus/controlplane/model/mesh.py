@@ -200,7 +200,9 @@ class MeshSnapshot:
                 return None
             same = [e for e in entries if e.host == host]
             with_sel = [e for e in same if e.selector]
-            return (with_sel or same)[0].resource
+            if with_sel:
+                return with_sel[0].resource
+            return merge_destination_rules([e.resource for e in same])
 
         found = pick(pns, exported_only=False)
         if found is not None:
@@ -293,3 +295,28 @@ class MeshSnapshot:
 def _dr_exported(entry: Any, namespace: str) -> bool:
     return is_exported_to(entry.export_to, entry.resource.metadata.namespace, namespace)
 
+
+
+def merge_destination_rules(rules: list[Resource]) -> Resource:
+    """Istio's merge of several selector-less DestinationRules for one host in one
+    namespace: subsets are combined (the first rule defining a name wins) and the
+    top-level traffic policy comes from the first rule that has one. "First" is the
+    oldest by creation time, then by name, as Istio orders them."""
+    if len(rules) == 1:
+        return rules[0]
+    import dataclasses
+
+    ordered = sorted(rules, key=lambda r: (str(r.metadata.creation_timestamp or ""), r.name))
+    base = ordered[0]
+    subsets = []
+    seen: set[str] = set()
+    policy = None
+    for r in ordered:
+        if policy is None and r.spec.traffic_policy is not None:
+            policy = r.spec.traffic_policy
+        for subset in r.spec.subsets:
+            if subset.name not in seen:
+                seen.add(subset.name)
+                subsets.append(subset)
+    spec = dataclasses.replace(base.spec, subsets=tuple(subsets), traffic_policy=policy)
+    return dataclasses.replace(base, spec=spec)

@@ -373,6 +373,20 @@ class _Builder:
             else:
                 c.lb_policy = cluster_pb2.Cluster.RING_HASH
                 c.ring_hash_lb_config.minimum_ring_size.value = ch.minimum_ring_size or DEFAULT_RING_SIZE
+        if self.proxyless:
+            self._grpc_lb_policy(c)
+
+    @staticmethod
+    def _grpc_lb_policy(c: cluster_pb2.Cluster) -> None:
+        """gRPC's xDS client NACKs lb policies it lacks ("LB policy is not supported"): it
+        has ROUND_ROBIN and RING_HASH, so LEAST_REQUEST/RANDOM become ROUND_ROBIN and
+        MAGLEV becomes RING_HASH (the same consistent-hash intent)."""
+        if c.lb_policy == cluster_pb2.Cluster.MAGLEV:
+            c.ClearField("maglev_lb_config")
+            c.lb_policy = cluster_pb2.Cluster.RING_HASH
+        elif c.lb_policy not in (cluster_pb2.Cluster.ROUND_ROBIN, cluster_pb2.Cluster.RING_HASH):
+            c.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN
+        c.ClearField("least_request_lb_config")
 
     # -------------------------------------------------------- TLS
 
