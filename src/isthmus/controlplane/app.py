@@ -23,7 +23,9 @@ from isthmus.controlplane.config.files import DirectorySource
 from isthmus.controlplane.config.store import ConfigChange, ConfigStore
 from isthmus.controlplane.model.mesh import MeshConfig, MeshSnapshot
 from isthmus.controlplane.model.proxy import ProxyNode
+from isthmus.api.meta import ResourceKey
 from isthmus.controlplane.xds.cache import InconsistentSnapshotError, SnapshotCache
+from isthmus.controlplane.xds.debounce import Debouncer
 from isthmus.controlplane.xds.server import XdsServer
 from isthmus.controlplane.xds.snapshot import XdsSnapshot
 from isthmus.controlplane.xds.tasks import TaskSet
@@ -59,7 +61,9 @@ class ControlPlane:
         self._generated_for = -1
         self._tasks = TaskSet("controlplane")
         self._stop = asyncio.Event()
-        self._dirty = asyncio.Event()
+        self._debouncer: Debouncer[ResourceKey] = Debouncer(
+            self._push_changes, quiet=options.debounce_quiet, max_delay=options.debounce_max
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self.pushes = 0
         self.last_push_seconds = 0.0
@@ -77,11 +81,10 @@ class ControlPlane:
         await self.http.start()
         if self.directory is not None:
             self._tasks.spawn(self.directory.watch(self._stop), name="config-watch")
-        self._tasks.spawn(self._push_loop(), name="push-loop")
 
     async def stop(self) -> None:
         self._stop.set()
-        self._dirty.set()
+        await self._debouncer.close(flush=False)
         if self.http is not None:
             await self.http.stop()
         await self.server.stop(0.5)
@@ -144,29 +147,14 @@ class ControlPlane:
             return None
 
     def _on_change(self, change: ConfigChange) -> None:
-        # Called from the watcher thread or the event loop: hop onto the loop.
-        if self._loop is None:
+        # May be called off the loop (a store writer thread): hop onto the loop.
+        if self._loop is None or self._stop.is_set():
             return
-        self._loop.call_soon_threadsafe(self._dirty.set)
+        self._loop.call_soon_threadsafe(self._debouncer.add, *change.changed)
 
-    async def _push_loop(self) -> None:
-        """Debounce: wait for quiet (or the max delay), then push once for the burst."""
-        quiet, max_delay = self.options.debounce_quiet, self.options.debounce_max
-        while not self._stop.is_set():
-            await self._dirty.wait()
-            if self._stop.is_set():
-                return
-            first = time.monotonic()
-            while True:
-                self._dirty.clear()
-                try:
-                    await asyncio.wait_for(self._dirty.wait(), timeout=quiet)
-                except asyncio.TimeoutError:
-                    break
-                if time.monotonic() - first >= max_delay:
-                    self._dirty.clear()
-                    break
-            await self.push_all()
+    async def _push_changes(self, changed: frozenset[ResourceKey]) -> None:
+        log.debug("pushing after %d changed resource(s)", len(changed))
+        await self.push_all()
 
     async def push_all(self) -> None:
         started = time.monotonic()
