@@ -554,3 +554,29 @@ def test_server_and_client_round_trip():
     s.send_data(1, body, end_stream=True)
     ev = c.receive_data(s.data_to_send())
     assert ev[0].status == 200 and body_of(ev, sid) == body and ev[-1].end_stream
+
+
+def test_endless_trailers_are_bounded():
+    s = Http1ServerConnection(max_header_bytes=4096)
+    s.receive_data(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: ")
+    ev = []
+    for _ in range(10):
+        ev += s.receive_data(b"v" * 1000)
+    assert isinstance(ev[-1], ProtocolError) and ev[-1].status == 431
+    c = Http1ClientConnection(max_header_bytes=4096)
+    c.send_request(b"GET", b"/", b"a")
+    c.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nx: ")
+    ev = []
+    for _ in range(10):
+        ev += c.receive_data(b"v" * 1000)
+    assert isinstance(ev[-1], ProtocolError)
+
+
+def test_long_chunked_stream_of_tiny_chunks_is_fine():
+    s = Http1ServerConnection(max_header_bytes=1024)
+    s.receive_data(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    got = b""
+    for _ in range(2000):
+        for e in s.receive_data(b"1\r\nx\r\n"):
+            got += e.data
+    assert got == b"x" * 2000

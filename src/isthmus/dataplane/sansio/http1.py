@@ -63,6 +63,8 @@ _HOP_BY_HOP = frozenset(
     )
 )
 _NO_BODY_STATUS = frozenset((204, 304))
+_OWS = (32, 9)  # trailing space / tab, which llhttp leaves on header values
+_SERVER_SPECIAL = frozenset((b"host", b"transfer-encoding", b"content-length"))
 _METHODS_WITH_BODY = frozenset((b"POST", b"PUT", b"PATCH"))
 
 
@@ -174,6 +176,14 @@ class Http1ServerConnection:
     The ``on_*`` methods are llhttp callbacks, not API.
     """
 
+    __slots__ = (
+        "max_header_bytes", "max_headers", "max_body_bytes", "max_pipelined", "max_backlog",
+        "scheme", "_parser", "_out", "_events", "_streams", "_by_id", "_next_id", "_backlog",
+        "_closing", "_dead", "_tunnel", "_abort", "_in_head", "_head_bytes", "_raw_head",
+        "_input_done", "_url", "_headers", "_host", "_te", "_content_length", "_cur", "_body",
+        "_body_bytes", "_ended", "_trailers", "_feed_len",
+    )  # fmt: skip
+
     def __init__(
         self,
         *,
@@ -206,6 +216,7 @@ class Http1ServerConnection:
         self._head_bytes = 0  # exact size of the completed parts of the current head
         self._raw_head = 0  # upper bound of raw bytes of a head still arriving
         self._input_done = False  # a request said Connection: close; ignore the rest
+        self._feed_len = 0
         self._url = b""
         self._headers: Headers = []
         self._host: bytes | None = None
@@ -265,6 +276,7 @@ class Http1ServerConnection:
             return []
         events = self._events
         head_started = not self._in_head
+        self._feed_len = len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -294,6 +306,15 @@ class Http1ServerConnection:
                 self._raw_head += len(data)
             if self._raw_head > self.max_header_bytes:
                 return self._fail("request headers exceed the size limit", 431)
+        elif self._cur is not None and not self._cur.request_complete:
+            # Chunk framing, extensions and trailers are buffered by the parser too:
+            # bound the bytes that arrive without any body byte among them.
+            if self._body:
+                self._raw_head = 0
+            else:
+                self._raw_head += len(data)
+                if self._raw_head > self.max_header_bytes:
+                    return self._fail("request trailers or chunk framing too large", 431)
         self._flush_body()
         return events
 
@@ -355,11 +376,22 @@ class Http1ServerConnection:
             raise _HeadOverflow
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Hot path: one call per header. Framing/Host headers and trailers take the
+        # slow branch; everything else is lowercase + trim + append + two bound checks.
         name = name.lower()
-        if value and value[-1] in (32, 9):
+        if value and value[-1] in _OWS:
             value = value.rstrip(b" \t")
-        self._head_bytes += len(name) + len(value) + 4
+        if name in _SERVER_SPECIAL or not self._in_head:
+            if self._special_header(name, value):
+                return
+        self._headers.append((name, value))
+        # Count and size are checked once in on_headers_complete: a head still arriving
+        # is bounded per feed in receive_data, so this list cannot grow past one read.
+
+    def _special_header(self, name: bytes, value: bytes) -> bool:
+        """Trailers, Host and framing headers; True when ``name`` is fully handled."""
         if not self._in_head:  # chunked trailers
+            self._head_bytes += len(name) + len(value) + 4
             trailers = self._trailers
             if trailers is None:
                 trailers = self._trailers = []
@@ -367,31 +399,36 @@ class Http1ServerConnection:
             if len(trailers) > self.max_headers or self._head_bytes > self.max_header_bytes:
                 self._abort = ("request trailers exceed the limits", 431)
                 raise _HeadOverflow
-            return
+            return True
         if name == b"host":
             if self._host is not None:
                 self._abort = ("duplicate Host header", 400)
                 raise _HeadOverflow
+            self._head_bytes += len(value) + 8
             self._host = value
-            return
+            return True
         if name == b"transfer-encoding":
             self._te = value
-        elif name == b"content-length":
-            if not value.isdigit():
-                self._abort = ("invalid content-length", 400)
-                raise _HeadOverflow
+        elif not value.isdigit():  # content-length
+            self._abort = ("invalid content-length", 400)
+            raise _HeadOverflow
+        else:
             self._content_length = int(value)
-        headers = self._headers
-        headers.append((name, value))
-        if len(headers) >= self.max_headers:
-            self._abort = (f"more than {self.max_headers} request headers", 431)
-            raise _HeadOverflow
-        if self._head_bytes > self.max_header_bytes:
-            self._abort = ("request headers exceed the size limit", 431)
-            raise _HeadOverflow
+        return False
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if len(self._headers) >= self.max_headers:
+            self._abort = (f"more than {self.max_headers} request headers", 431)
+            raise _HeadOverflow
+        # Upper bound of the head's raw size: this feed plus earlier feeds of the head;
+        # only when that exceeds the limit is the exact size worth computing.
+        if self._feed_len + self._raw_head > self.max_header_bytes:
+            size = self._head_bytes + sum(len(n) + len(v) + 4 for n, v in self._headers)
+            if size > self.max_header_bytes:
+                self._abort = ("request headers exceed the size limit", 431)
+                raise _HeadOverflow
+        self._raw_head = 0  # from here on: bytes without body bytes (see receive_data)
         parser = self._parser
         version = parser.get_http_version()
         http10 = version == "1.0"
@@ -880,6 +917,14 @@ class Http1ClientConnection:
             if self._raw_head > self.max_header_bytes:
                 self._fail("response headers exceed the size limit")
                 return
+        elif self._final and self._stream is not None and not self._stream.response_complete:
+            if self._body:  # see Http1ServerConnection.receive_data
+                self._raw_head = 0
+            else:
+                self._raw_head += len(data)
+                if self._raw_head > self.max_header_bytes:
+                    self._fail("response trailers or chunk framing too large")
+                    return
         self._flush_body()
 
     def _receive_heads(self, data: bytes) -> list[Event]:
@@ -993,6 +1038,7 @@ class Http1ClientConnection:
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._raw_head = 0
         stream = self._stream
         if stream is None:
             return
