@@ -43,7 +43,13 @@ RESP_BODY = b"[" + b"b" * 798 + b"]"
 
 def build_request() -> bytes:
     client = Http1ClientConnection()
-    sid = client.send_request(b"POST", b"/api/v1/products/42/reviews?limit=10", b"reviews.default.svc.cluster.local:9080", REQ_HEADERS, end_stream=False)
+    sid = client.send_request(
+        b"POST",
+        b"/api/v1/products/42/reviews?limit=10",
+        b"reviews.default.svc.cluster.local:9080",
+        REQ_HEADERS,
+        end_stream=False,
+    )
     client.send_data(sid, REQ_BODY, end_stream=True)
     return client.data_to_send()
 
@@ -81,7 +87,9 @@ def both_legs(n: int) -> float:
         for event in server.receive_data(REQUEST):
             if event.__class__.__name__ == "RequestHeaders":
                 req = event
-        sid = client.send_request(req.method, req.path, req.authority, req.headers, end_stream=False)
+        sid = client.send_request(
+            req.method, req.path, req.authority, req.headers, end_stream=False
+        )
         client.send_data(sid, REQ_BODY, end_stream=True)
         client.data_to_send()
         for event in client.receive_data(RESPONSE):

@@ -66,7 +66,19 @@ def mutated(draw, corpus):
         elif kind == 2:
             del data[pos : pos + draw(st.integers(1, 8))]
         else:
-            data[pos:pos] = draw(st.sampled_from([b"\r\n", b"\n", b" ", b":", b"0\r\n\r\n", b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n"]))
+            data[pos:pos] = draw(
+                st.sampled_from(
+                    [
+                        b"\r\n",
+                        b"\n",
+                        b" ",
+                        b":",
+                        b"0\r\n\r\n",
+                        b"Content-Length: 3\r\n",
+                        b"Transfer-Encoding: chunked\r\n",
+                    ]
+                )
+            )
     return bytes(data)
 
 
@@ -105,7 +117,13 @@ def normalise(seen: list) -> list:
             continue
         if isinstance(e, ev.ProtocolError):  # which of two faults is seen first may vary
             e = ev.ProtocolError("", e.status)
-        if isinstance(e, ev.Data) and out and isinstance(out[-1], ev.Data) and out[-1].stream_id == e.stream_id and not out[-1].end_stream:
+        if (
+            isinstance(e, ev.Data)
+            and out
+            and isinstance(out[-1], ev.Data)
+            and out[-1].stream_id == e.stream_id
+            and not out[-1].end_stream
+        ):
             out[-1] = ev.Data(e.stream_id, out[-1].data + e.data, e.end_stream)
         elif isinstance(e, ev.Data) and not e.data and not e.end_stream:
             continue
@@ -145,7 +163,11 @@ def test_h1_server_answers_every_request_or_errors_cleanly(data):
 
 
 @FUZZ
-@given(st.sampled_from([b"GET", b"HEAD", b"CONNECT", b"POST"]), mutated(RESPONSES), st.lists(st.integers(0, 300), max_size=5))
+@given(
+    st.sampled_from([b"GET", b"HEAD", b"CONNECT", b"POST"]),
+    mutated(RESPONSES),
+    st.lists(st.integers(0, 300), max_size=5),
+)
 def test_h1_client_mutated_responses(method, data, cuts):
     client = Http1ClientConnection()
     client.send_request(method, b"/", b"a", [], end_stream=True)
@@ -169,7 +191,9 @@ def test_h1_client_random_bytes(data):
 
 def h2_client_bytes() -> bytes:
     client = H2ClientConnection()
-    sid = client.send_request(b"POST", b"/svc/M", b"a", [(b"content-type", b"application/grpc")], end_stream=False)
+    sid = client.send_request(
+        b"POST", b"/svc/M", b"a", [(b"content-type", b"application/grpc")], end_stream=False
+    )
     client.send_data(sid, b"payload" * 10)
     client.send_trailers(sid, [(b"x-t", b"1")])
     client.send_request(b"CONNECT", b"", b"10.0.0.1:80", end_stream=False)

@@ -43,8 +43,10 @@ def test_connect_round_trip_multiple_tunnels():
     server.reject(c, 503)
     cev, _ = pump(client, server)
     assert cev == [
-        ResponseHeaders(a, 200, [], False), Upgrade(a, b"CONNECT"),
-        ResponseHeaders(b, 200, [], False), Upgrade(b, b"CONNECT"),
+        ResponseHeaders(a, 200, [], False),
+        Upgrade(a, b"CONNECT"),
+        ResponseHeaders(b, 200, [], False),
+        Upgrade(b, b"CONNECT"),
         ResponseHeaders(c, 503, [], True),
     ]
     client.close_tunnel(c, abort=True)  # done with the refused stream
@@ -98,7 +100,17 @@ def test_parse_target(raw, parsed):
 
 
 @pytest.mark.parametrize(
-    "raw", [b"10.0.0.1", b"10.0.0.1:0", b"10.0.0.1:99999", b"host:80", b"fd00::1:80", b"[10.0.0.1]:80", b"[fd00::1]80", b"\xff:1"]
+    "raw",
+    [
+        b"10.0.0.1",
+        b"10.0.0.1:0",
+        b"10.0.0.1:99999",
+        b"host:80",
+        b"fd00::1:80",
+        b"[10.0.0.1]:80",
+        b"[fd00::1]80",
+        b"\xff:1",
+    ],
 )
 def test_parse_target_rejects(raw):
     with pytest.raises((ValueError, UnicodeDecodeError)):

@@ -100,7 +100,7 @@ def test_slow_byte_by_byte_feed():
     heads = [e for e in ev if isinstance(e, RequestHeaders)]
     assert [h.path for h in heads] == [b"/slow", b"/next"]
     assert body_of(ev, 1) == b"abc"
-    assert [e for e in ev if isinstance(e, Data) and e.end_stream][0].stream_id == 1
+    assert next(e for e in ev if isinstance(e, Data) and e.end_stream).stream_id == 1
 
 
 def test_expect_100_continue():
@@ -120,7 +120,9 @@ def test_expect_100_continue():
 
 def test_expect_100_rejected_closes_connection():
     s = Http1ServerConnection()
-    s.receive_data(b"PUT /f HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    s.receive_data(
+        b"PUT /f HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"
+    )
     s.send_response(1, 413, [], end_stream=True)
     out = s.data_to_send()
     assert b"connection: close" in out
@@ -148,7 +150,9 @@ def test_websocket_upgrade_becomes_tunnel():
 
 def test_upgrade_refused_closes_after_response():
     s = Http1ServerConnection()
-    s.receive_data(b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    s.receive_data(
+        b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
     s.send_response(1, 403, [], end_stream=True)
     assert b"connection: close" in s.data_to_send()
     assert s.wants_close
@@ -193,13 +197,18 @@ def test_http10_close_and_keep_alive():
     s.receive_data(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     s.send_response(1, 200, [(b"content-length", b"1")])
     s.send_data(1, b"x", True)
-    assert s.data_to_send() == b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\nconnection: keep-alive\r\n\r\nx"
+    assert (
+        s.data_to_send()
+        == b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\nconnection: keep-alive\r\n\r\nx"
+    )
     assert not s.wants_close
 
 
 def test_connection_close_request_ignores_following_bytes():
     s = Http1ServerConnection()
-    ev = s.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /evil HTTP/1.1\r\n\r\n")
+    ev = s.receive_data(
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /evil HTTP/1.1\r\n\r\n"
+    )
     assert [type(e) for e in ev] == [RequestHeaders]
     s.send_response(1, 200, [], end_stream=True)
     assert b"connection: close" in s.data_to_send()
@@ -286,14 +295,20 @@ def test_oversized_headers_431_all_at_once_and_slowly():
 
 def test_too_many_headers_431():
     s = Http1ServerConnection(max_headers=10)
-    raw = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(11)) + b"\r\n"
+    raw = (
+        b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(11)) + b"\r\n"
+    )
     ev = s.receive_data(raw)
     assert isinstance(ev[-1], ProtocolError) and ev[-1].status == 431
 
 
 def test_headers_below_limit_in_pieces_are_fine():
     s = Http1ServerConnection()
-    raw = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 500) for i in range(90)) + b"\r\n"
+    raw = (
+        b"GET / HTTP/1.1\r\nHost: a\r\n"
+        + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 500) for i in range(90))
+        + b"\r\n"
+    )
     ev = []
     for i in range(0, len(raw), 700):
         ev += s.receive_data(raw[i : i + 700])
@@ -360,7 +375,15 @@ def test_response_splitting_rejected_on_send():
 def test_hop_by_hop_headers_from_caller_are_replaced():
     s = Http1ServerConnection()
     s.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    s.send_response(1, 200, [(b"transfer-encoding", b"chunked"), (b"connection", b"keep-alive"), (b"content-length", b"1")])
+    s.send_response(
+        1,
+        200,
+        [
+            (b"transfer-encoding", b"chunked"),
+            (b"connection", b"keep-alive"),
+            (b"content-length", b"1"),
+        ],
+    )
     s.send_data(1, b"x", True)
     assert s.data_to_send() == b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx"
 
@@ -384,7 +407,10 @@ def test_client_get_content_length_keep_alive():
     assert c.data_to_send() == b"GET /x HTTP/1.1\r\nhost: svc\r\naccept: */*\r\n\r\n"
     assert not c.ready
     ev = c.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel")
-    assert ev == [ResponseHeaders(sid, 200, [(b"content-length", b"5")], False), Data(sid, b"hel", False)]
+    assert ev == [
+        ResponseHeaders(sid, 200, [(b"content-length", b"5")], False),
+        Data(sid, b"hel", False),
+    ]
     assert c.receive_data(b"lo") == [Data(sid, b"lo", True)]
     assert c.ready and not c.wants_close
 
@@ -399,7 +425,8 @@ def test_client_chunked_both_ways_with_trailers():
         b"3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n"
     )
     ev = feed_bytewise(
-        c, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwxyz\r\n0\r\ngrpc-status: 0\r\n\r\n"
+        c,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwxyz\r\n0\r\ngrpc-status: 0\r\n\r\n",
     )
     assert ev[0] == ResponseHeaders(sid, 200, [(b"transfer-encoding", b"chunked")], False)
     assert body_of(ev, sid) == b"wxyz"
@@ -421,7 +448,9 @@ def test_client_head_response_has_no_body_even_with_content_length():
 def test_client_head_response_byte_by_byte():
     c = Http1ClientConnection()
     sid = c.send_request(b"HEAD", b"/", b"a")
-    ev = feed_bytewise(c, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+    ev = feed_bytewise(
+        c, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+    )
     assert ev == [
         InformationalResponse(sid, 100, []),
         ResponseHeaders(sid, 200, [(b"content-length", b"100")], True),
@@ -458,7 +487,11 @@ def test_client_truncated_body_is_reset():
 def test_client_100_continue():
     c = Http1ClientConnection()
     sid = c.send_request(
-        b"PUT", b"/", b"a", [(b"expect", b"100-continue"), (b"content-length", b"4")], end_stream=False
+        b"PUT",
+        b"/",
+        b"a",
+        [(b"expect", b"100-continue"), (b"content-length", b"4")],
+        end_stream=False,
     )
     assert b"expect: 100-continue" in c.data_to_send()
     assert c.receive_data(b"HTTP/1.1 100 Continue\r\n\r\n") == [InformationalResponse(sid, 100, [])]
@@ -471,21 +504,27 @@ def test_client_100_continue():
 
 def test_client_early_response_closes_connection():
     c = Http1ClientConnection()
-    sid = c.send_request(b"POST", b"/", b"a", [(b"content-length", b"100")], end_stream=False)
+    c.send_request(b"POST", b"/", b"a", [(b"content-length", b"100")], end_stream=False)
     c.receive_data(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
     assert c.wants_close
 
 
 def test_client_websocket_upgrade():
     c = Http1ClientConnection()
-    sid = c.send_request(b"GET", b"/ws", b"a", [(b"upgrade", b"websocket"), (b"sec-websocket-key", b"k")])
+    sid = c.send_request(
+        b"GET", b"/ws", b"a", [(b"upgrade", b"websocket"), (b"sec-websocket-key", b"k")]
+    )
     assert c.data_to_send() == (
         b"GET /ws HTTP/1.1\r\nhost: a\r\nsec-websocket-key: k\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
     )
     ev = c.receive_data(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x00"
     )
-    assert ev[0].status == 101 and ev[1] == Upgrade(sid, b"websocket") and ev[2] == Data(sid, b"\x81\x00", False)
+    assert (
+        ev[0].status == 101
+        and ev[1] == Upgrade(sid, b"websocket")
+        and ev[2] == Data(sid, b"\x81\x00", False)
+    )
     c.send_data(sid, b"raw")
     assert c.data_to_send() == b"raw"
     assert c.receive_data(b"HTTP/1.1 200") == [Data(sid, b"HTTP/1.1 200", False)]
@@ -496,11 +535,18 @@ def test_client_connect_tunnel_and_refusal():
     sid = c.send_request(b"CONNECT", b"", b"10.0.0.1:443")
     assert c.data_to_send() == b"CONNECT 10.0.0.1:443 HTTP/1.1\r\nhost: 10.0.0.1:443\r\n\r\n"
     ev = c.receive_data(b"HTTP/1.1 200 Connection established\r\n\r\n\x16\x03")
-    assert ev == [ResponseHeaders(sid, 200, [], False), Upgrade(sid, b"CONNECT"), Data(sid, b"\x16\x03", False)]
+    assert ev == [
+        ResponseHeaders(sid, 200, [], False),
+        Upgrade(sid, b"CONNECT"),
+        Data(sid, b"\x16\x03", False),
+    ]
     c = Http1ClientConnection()
     sid = c.send_request(b"CONNECT", b"", b"10.0.0.1:443")
     ev = c.receive_data(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnope")
-    assert ev == [ResponseHeaders(sid, 403, [(b"content-length", b"4")], False), Data(sid, b"nope", True)]
+    assert ev == [
+        ResponseHeaders(sid, 403, [(b"content-length", b"4")], False),
+        Data(sid, b"nope", True),
+    ]
     assert c.wants_close
 
 
@@ -536,7 +582,7 @@ def test_client_unsolicited_bytes():
     ev = c.receive_data(b"HTTP/1.1 200 OK\r\n\r\n")
     assert isinstance(ev[-1], ProtocolError)
     c = Http1ClientConnection()
-    sid = c.send_request(b"GET", b"/", b"a")
+    c.send_request(b"GET", b"/", b"a")
     ev = c.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\n\r\n")
     assert ev[0].end_stream and isinstance(ev[-1], ProtocolError)
 
@@ -558,7 +604,9 @@ def test_server_and_client_round_trip():
 
 def test_endless_trailers_are_bounded():
     s = Http1ServerConnection(max_header_bytes=4096)
-    s.receive_data(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: ")
+    s.receive_data(
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: "
+    )
     ev = []
     for _ in range(10):
         ev += s.receive_data(b"v" * 1000)

@@ -40,14 +40,23 @@ def body(events, stream_id):
 def test_grpc_style_exchange_with_trailers():
     client, server = connected()
     sid = client.send_request(
-        b"POST", b"/pkg.Svc/Method", b"svc:50051",
-        [(b"content-type", b"application/grpc"), (b"te", b"trailers")], end_stream=False,
+        b"POST",
+        b"/pkg.Svc/Method",
+        b"svc:50051",
+        [(b"content-type", b"application/grpc"), (b"te", b"trailers")],
+        end_stream=False,
     )
     client.send_data(sid, b"\x00\x00\x00\x00\x02hi", end_stream=True)
     _, sev = pump(client, server)
     assert sev[0] == RequestHeaders(
-        sid, b"POST", b"/pkg.Svc/Method", b"svc:50051", b"http",
-        [(b"content-type", b"application/grpc"), (b"te", b"trailers")], False, b"2",
+        sid,
+        b"POST",
+        b"/pkg.Svc/Method",
+        b"svc:50051",
+        b"http",
+        [(b"content-type", b"application/grpc"), (b"te", b"trailers")],
+        False,
+        b"2",
     )
     assert sev[1:] == [Data(sid, b"\x00\x00\x00\x00\x02hi", True)]
     server.send_response(sid, 200, [(b"content-type", b"application/grpc")])
@@ -66,7 +75,9 @@ def test_headers_only_exchange_and_informational():
     client, server = connected()
     sid = client.send_request(b"GET", b"/", b"a", [(b"expect", b"100-continue")])
     _, sev = pump(client, server)
-    assert sev == [RequestHeaders(sid, b"GET", b"/", b"a", b"http", [(b"expect", b"100-continue")], True, b"2")]
+    assert sev == [
+        RequestHeaders(sid, b"GET", b"/", b"a", b"http", [(b"expect", b"100-continue")], True, b"2")
+    ]
     server.send_informational(sid, 100)
     server.send_response(sid, 204, [], end_stream=True)
     cev, _ = pump(client, server)
@@ -76,12 +87,22 @@ def test_headers_only_exchange_and_informational():
 def test_connection_specific_headers_are_dropped_not_fatal():
     client, server = connected()
     sid = client.send_request(
-        b"GET", b"/", b"a",
-        [(b"connection", b"keep-alive"), (b"transfer-encoding", b"chunked"), (b"host", b"a"), (b"te", b"gzip"), (b"x", b"1")],
+        b"GET",
+        b"/",
+        b"a",
+        [
+            (b"connection", b"keep-alive"),
+            (b"transfer-encoding", b"chunked"),
+            (b"host", b"a"),
+            (b"te", b"gzip"),
+            (b"x", b"1"),
+        ],
     )
     _, sev = pump(client, server)
     assert sev[0].headers == [(b"x", b"1")]
-    server.send_response(sid, 200, [(b"connection", b"close"), (b"keep-alive", b"5")], end_stream=True)
+    server.send_response(
+        sid, 200, [(b"connection", b"close"), (b"keep-alive", b"5")], end_stream=True
+    )
     cev, _ = pump(client, server)
     assert cev == [ResponseHeaders(sid, 200, [], True)]
 
@@ -103,7 +124,9 @@ def test_resets_both_directions_and_send_after_reset_is_noop():
 
 
 def test_flow_control_one_mebibyte_with_manual_acknowledge():
-    client, server = connected(initial_window_size=65535, connection_window_size=65535, auto_acknowledge=False)
+    client, server = connected(
+        initial_window_size=65535, connection_window_size=65535, auto_acknowledge=False
+    )
     payload = bytes(range(256)) * 4096  # 1 MiB
     sid = client.send_request(b"PUT", b"/blob", b"x", end_stream=False)
     client.send_data(sid, payload, end_stream=True)
@@ -129,7 +152,9 @@ def test_flow_control_one_mebibyte_with_manual_acknowledge():
 
 
 def test_window_stays_shut_without_acknowledge():
-    client, server = connected(initial_window_size=65535, connection_window_size=65535, auto_acknowledge=False)
+    client, server = connected(
+        initial_window_size=65535, connection_window_size=65535, auto_acknowledge=False
+    )
     sid = client.send_request(b"PUT", b"/blob", b"x", end_stream=False)
     client.send_data(sid, b"z" * 200_000)
     _, sev = pump(client, server)
@@ -179,7 +204,9 @@ def test_many_streams_respect_max_concurrent_streams():
 
 def test_server_refuses_streams_beyond_limit():
     # a client ignoring our SETTINGS (raw h2 with no validation of the peer limit)
-    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    raw = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
     raw.initiate_connection()
     server = H2ServerConnection(max_concurrent_streams=2)
     server.receive_data(raw.data_to_send())
@@ -188,7 +215,11 @@ def test_server_refuses_streams_beyond_limit():
     raw.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 1000  # misbehave
     raw.remote_settings.acknowledge()
     for i in range(3):
-        raw.send_headers(raw.get_next_available_stream_id(), [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")], end_stream=True)
+        raw.send_headers(
+            raw.get_next_available_stream_id(),
+            [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")],
+            end_stream=True,
+        )
     ev = server.receive_data(raw.data_to_send())
     # after the SETTINGS ACK h2 treats the excess stream as a connection error (RFC 9113
     # allows a stream error too): the batch is dropped and GOAWAY queued, nothing raised
@@ -258,7 +289,10 @@ def test_connect_over_h2_emits_upgrade_both_sides():
     client, server = connected()
     sid = client.send_request(b"CONNECT", b"", b"10.1.2.3:80", end_stream=False)
     _, sev = pump(client, server)
-    assert sev == [RequestHeaders(sid, b"CONNECT", b"", b"10.1.2.3:80", b"", [], False, b"2"), Upgrade(sid, b"CONNECT")]
+    assert sev == [
+        RequestHeaders(sid, b"CONNECT", b"", b"10.1.2.3:80", b"", [], False, b"2"),
+        Upgrade(sid, b"CONNECT"),
+    ]
     server.send_response(sid, 200, [])
     client.send_data(sid, b"ping")
     cev, sev = pump(client, server)

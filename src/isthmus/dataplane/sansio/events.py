@@ -27,10 +27,12 @@ Conventions (all engines):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
-Headers = list[tuple[bytes, bytes]]
+Headers = list[tuple[bytes, bytes]]  # what events carry
+HeadersIn = Sequence[tuple[bytes, bytes]]  # what send_* methods accept
 
 
 class ErrorCode(IntEnum):
@@ -211,6 +213,7 @@ __all__ = [
     "Event",
     "GoAway",
     "Headers",
+    "HeadersIn",
     "InformationalResponse",
     "LocalProtocolError",
     "ProtocolError",

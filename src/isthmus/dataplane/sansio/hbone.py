@@ -22,6 +22,7 @@ from isthmus.dataplane.sansio.events import (
     ErrorCode,
     Event,
     Headers,
+    HeadersIn,
     RequestHeaders,
     Upgrade,
 )
@@ -42,6 +43,9 @@ class TunnelRequest:
     host: str
     port: int
     headers: Headers
+
+
+HboneEvent = Event | TunnelRequest
 
 
 def parse_target(authority: bytes) -> tuple[str, int]:
@@ -81,8 +85,8 @@ class HboneServer(H2ServerConnection):
         super().__init__(**options)  # type: ignore[arg-type]
         self._refused: set[int] = set()
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        out: list[Event] = []
+    def receive_data(self, data: bytes) -> list[HboneEvent]:  # type: ignore[override]
+        out: list[HboneEvent] = []
         for event in super().receive_data(data):
             if isinstance(event, RequestHeaders):
                 tunnel = self._tunnel_request(event)
@@ -114,11 +118,11 @@ class HboneServer(H2ServerConnection):
             self._refused = {s for s in self._refused if s in self._streams}
         self.send_response(stream_id, status, [], end_stream=True)
 
-    def accept(self, stream_id: int, headers: Headers = ()) -> None:
+    def accept(self, stream_id: int, headers: HeadersIn = ()) -> None:
         """Open the tunnel (200); then ``send_data`` carries the upstream's bytes."""
         self.send_response(stream_id, 200, headers)
 
-    def reject(self, stream_id: int, status: int = 503, headers: Headers = ()) -> None:
+    def reject(self, stream_id: int, status: int = 503, headers: HeadersIn = ()) -> None:
         """Refuse the tunnel with an HTTP status (e.g. 401 by policy, 503 unreachable)."""
         self.send_response(stream_id, status, headers, end_stream=True)
 
@@ -138,10 +142,12 @@ class HboneClient(H2ClientConnection):
         options.setdefault("connection_window_size", HBONE_CONNECTION_WINDOW)
         super().__init__(**options)  # type: ignore[arg-type]
 
-    def open_tunnel(self, host: str, port: int, headers: Headers = ()) -> int:
+    def open_tunnel(self, host: str, port: int, headers: HeadersIn = ()) -> int:
         """CONNECT to ``host:port`` (an IP); returns the stream id. Extra ``headers``
         carry e.g. ``baggage``/``traceparent``/``forwarded`` as Istio does."""
-        return self.send_request(b"CONNECT", b"", format_target(host, port), headers, end_stream=False)
+        return self.send_request(
+            b"CONNECT", b"", format_target(host, port), headers, end_stream=False
+        )
 
     def close_tunnel(self, stream_id: int, abort: bool = False) -> None:
         if abort:

@@ -34,6 +34,7 @@ from isthmus.dataplane.sansio.events import (
     ErrorCode,
     Event,
     Headers,
+    HeadersIn,
     InformationalResponse,
     LocalProtocolError,
     ProtocolError,
@@ -85,7 +86,7 @@ def _error_response(status: int) -> bytes:
     )
 
 
-def _head_lines(first_line: bytes, headers: Headers) -> tuple[list[bytes], bytes | None]:
+def _head_lines(first_line: bytes, headers: HeadersIn) -> tuple[list[bytes], bytes | None]:
     """Start serialising a head: (lines, the caller's content-length or None).
 
     Hop-by-hop headers from the caller are dropped: the engine writes framing itself.
@@ -132,17 +133,17 @@ _NONE, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _TUNNEL = range(5)
 
 class _ServerStream:
     __slots__ = (
-        "stream_id",
-        "method",
-        "keep_alive",
-        "http10",
-        "request_complete",
-        "upgrade",
-        "started",
         "complete",
         "framing",
-        "remaining",
+        "http10",
+        "keep_alive",
+        "method",
         "pending",
+        "remaining",
+        "request_complete",
+        "started",
+        "stream_id",
+        "upgrade",
     )
 
     def __init__(self, stream_id: int, method: bytes, keep_alive: bool, http10: bool) -> None:
@@ -177,11 +178,38 @@ class Http1ServerConnection:
     """
 
     __slots__ = (
-        "max_header_bytes", "max_headers", "max_body_bytes", "max_pipelined", "max_backlog",
-        "scheme", "_parser", "_out", "_events", "_streams", "_by_id", "_next_id", "_backlog",
-        "_closing", "_dead", "_tunnel", "_abort", "_in_head", "_head_bytes", "_raw_head",
-        "_input_done", "_url", "_headers", "_host", "_te", "_content_length", "_cur", "_body",
-        "_body_bytes", "_ended", "_trailers", "_feed_len",
+        "_abort",
+        "_backlog",
+        "_body",
+        "_body_bytes",
+        "_by_id",
+        "_closing",
+        "_content_length",
+        "_cur",
+        "_dead",
+        "_ended",
+        "_events",
+        "_feed_len",
+        "_head_bytes",
+        "_headers",
+        "_host",
+        "_in_head",
+        "_input_done",
+        "_next_id",
+        "_out",
+        "_parser",
+        "_raw_head",
+        "_streams",
+        "_te",
+        "_trailers",
+        "_tunnel",
+        "_url",
+        "max_backlog",
+        "max_body_bytes",
+        "max_header_bytes",
+        "max_headers",
+        "max_pipelined",
+        "scheme",
     )  # fmt: skip
 
     def __init__(
@@ -377,13 +405,12 @@ class Http1ServerConnection:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Hot path: one call per header. Framing/Host headers and trailers take the
-        # slow branch; everything else is lowercase + trim + append + two bound checks.
+        # slow branch; everything else is lowercase + trim + append.
         name = name.lower()
         if value and value[-1] in _OWS:
             value = value.rstrip(b" \t")
-        if name in _SERVER_SPECIAL or not self._in_head:
-            if self._special_header(name, value):
-                return
+        if (name in _SERVER_SPECIAL or not self._in_head) and self._special_header(name, value):
+            return
         self._headers.append((name, value))
         # Count and size are checked once in on_headers_complete: a head still arriving
         # is bounded per feed in receive_data, so this list cannot grow past one read.
@@ -534,7 +561,9 @@ class Http1ServerConnection:
 
     # ------------------------------------------------------------------- send
 
-    def send_informational(self, stream_id: int, status: int = 100, headers: Headers = ()) -> None:
+    def send_informational(
+        self, stream_id: int, status: int = 100, headers: HeadersIn = ()
+    ) -> None:
         """Send a 1xx (e.g. ``100 Continue`` after ``Expect: 100-continue``)."""
         stream = self._by_id.get(stream_id)
         if stream is None or stream.started or stream.http10 or self._dead:
@@ -543,7 +572,7 @@ class Http1ServerConnection:
         self._write(stream, _join_head(lines))
 
     def send_response(
-        self, stream_id: int, status: int, headers: Headers, end_stream: bool = False
+        self, stream_id: int, status: int, headers: HeadersIn, end_stream: bool = False
     ) -> None:
         """Queue the response head. Framing is chosen here: the caller's content-length
         if given, else ``content-length: 0`` when ``end_stream``, else chunked (or
@@ -572,9 +601,7 @@ class Http1ServerConnection:
             if end_stream:
                 self._finish(stream)
             return
-        keep_alive = stream.keep_alive and not (
-            self._closing and stream is self._streams[-1]
-        )
+        keep_alive = stream.keep_alive and not (self._closing and stream is self._streams[-1])
         if not stream.request_complete or stream.upgrade:
             keep_alive = False  # unread request body / refused upgrade: not reusable
         if stream.method == b"HEAD" or status in _NO_BODY_STATUS:
@@ -632,7 +659,7 @@ class Http1ServerConnection:
         if end_stream:
             self._finish(stream)
 
-    def send_trailers(self, stream_id: int, headers: Headers) -> None:
+    def send_trailers(self, stream_id: int, headers: HeadersIn) -> None:
         """End the response with trailers (chunked only; otherwise they are dropped)."""
         stream = self._by_id.get(stream_id)
         if stream is None or self._dead or stream.complete or not stream.started:
@@ -687,7 +714,14 @@ class Http1ServerConnection:
 
 
 class _ClientStream:
-    __slots__ = ("stream_id", "method", "framing", "remaining", "request_complete", "response_complete")
+    __slots__ = (
+        "framing",
+        "method",
+        "remaining",
+        "request_complete",
+        "response_complete",
+        "stream_id",
+    )
 
     def __init__(self, stream_id: int, method: bytes) -> None:
         self.stream_id = stream_id
@@ -763,7 +797,7 @@ class Http1ClientConnection:
         method: bytes,
         path: bytes,
         authority: bytes,
-        headers: Headers = (),
+        headers: HeadersIn = (),
         end_stream: bool = True,
         scheme: bytes = b"http",
     ) -> int:
@@ -845,7 +879,7 @@ class Http1ClientConnection:
             stream.request_complete = True
             self._maybe_done()
 
-    def send_trailers(self, stream_id: int, headers: Headers) -> None:
+    def send_trailers(self, stream_id: int, headers: HeadersIn) -> None:
         stream = self._stream
         if stream is None or stream.stream_id != stream_id or stream.request_complete:
             return

@@ -29,6 +29,7 @@ What the adapter adds to h2:
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from typing import Any
 
@@ -45,6 +46,7 @@ from isthmus.dataplane.sansio.events import (
     Event,
     GoAway,
     Headers,
+    HeadersIn,
     InformationalResponse,
     LocalProtocolError,
     ProtocolError,
@@ -86,15 +88,15 @@ for _state in (_CS.CLIENT_OPEN, _CS.SERVER_OPEN):
 
 class _Stream:
     __slots__ = (
-        "stream_id",
+        "blocked",
+        "connect",
+        "end_pending",
+        "local_closed",
         "pending",
         "pending_bytes",
-        "end_pending",
-        "trailers_pending",
-        "blocked",
-        "local_closed",
         "remote_closed",
-        "connect",
+        "stream_id",
+        "trailers_pending",
     )
 
     def __init__(self, stream_id: int) -> None:
@@ -109,7 +111,9 @@ class _Stream:
         self.connect = False
 
 
-def _filter_headers(headers: Headers, into: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def _filter_headers(
+    headers: HeadersIn, into: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
     for name, value in headers:
         if name in _DROP_ON_SEND:
             continue
@@ -145,7 +149,7 @@ class _H2Engine:
         )
         conn = h2.connection.H2Connection(config=config)
         conn.state_machine._transitions = _GRACEFUL_TRANSITIONS  # type: ignore[attr-defined]
-        settings: dict[int, int] = {
+        settings: dict[h2.settings.SettingCodes, int] = {
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: initial_window_size,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
@@ -224,7 +228,7 @@ class _H2Engine:
             self._stash.append(pending)
         try:
             h2_events = self._h2.receive_data(data)
-        except Exception as exc:  # h2, hpack and hyperframe errors: never escape
+        except Exception as exc:  # noqa: BLE001 - h2/hpack/hyperframe errors never escape
             return self._fail(exc)
         events: list[Event] = []
         dispatch = self._dispatch
@@ -234,7 +238,7 @@ class _H2Engine:
                 if handler is not None:
                     handler(ev, events)
             self._flush_blocked(events)
-        except Exception as exc:  # a defect in mapping must not kill the proxy
+        except Exception as exc:  # noqa: BLE001 - a mapping defect must not kill the proxy
             events.extend(self._fail(exc))
         return events
 
@@ -256,10 +260,8 @@ class _H2Engine:
         self._dead = True
         if not isinstance(exc, h2.exceptions.ProtocolError):
             # h2 queues GOAWAY itself for its ProtocolErrors; for anything else do it here.
-            try:
+            with contextlib.suppress(Exception):  # best effort: the connection is dead anyway
                 self._h2.close_connection(ErrorCode.PROTOCOL_ERROR)
-            except Exception:
-                pass
         events.append(ProtocolError(f"HTTP/2 protocol error: {exc}"))
         return events
 
@@ -298,7 +300,9 @@ class _H2Engine:
         stream = _Stream(stream_id)
         stream.remote_closed = ended
         self._streams[stream_id] = stream
-        events.append(RequestHeaders(stream_id, method, path, authority, scheme, headers, ended, b"2"))
+        events.append(
+            RequestHeaders(stream_id, method, path, authority, scheme, headers, ended, b"2")
+        )
         if method == b"CONNECT":
             stream.connect = True
             events.append(Upgrade(stream_id, protocol or b"CONNECT"))
@@ -390,7 +394,8 @@ class _H2Engine:
             self._dead = True
 
     def _on_pushed(self, ev: h2.events.PushedStreamReceived, events: list[Event]) -> None:
-        self._h2.reset_stream(ev.pushed_stream_id, ErrorCode.REFUSED_STREAM)
+        if ev.pushed_stream_id is not None:  # we disabled push; refuse it anyway
+            self._h2.reset_stream(ev.pushed_stream_id, ErrorCode.REFUSED_STREAM)
 
     def _is_local(self, stream_id: int) -> bool:
         return (stream_id % 2 == 1) == self.client_side
@@ -409,7 +414,7 @@ class _H2Engine:
             stream.end_pending = True
         self._flush(stream)
 
-    def send_trailers(self, stream_id: int, headers: Headers) -> None:
+    def send_trailers(self, stream_id: int, headers: HeadersIn) -> None:
         """End the stream with trailers (after any queued data)."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.local_closed or self._dead:
@@ -447,7 +452,9 @@ class _H2Engine:
             return
         last = self._h2.highest_inbound_stream_id
         try:
-            self._h2.close_connection(error_code, additional_data=reason or None, last_stream_id=last)
+            self._h2.close_connection(
+                error_code, additional_data=reason or None, last_stream_id=last
+            )
         except h2.exceptions.ProtocolError:
             pass
         self._goaway_sent = last
@@ -456,7 +463,9 @@ class _H2Engine:
 
     # ---------------------------------------------------------------- helpers
 
-    def _send_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> bool:
+    def _send_headers(
+        self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool
+    ) -> bool:
         try:
             self._h2.send_headers(stream_id, headers, end_stream=end_stream)
         except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):
@@ -472,7 +481,9 @@ class _H2Engine:
         pending = stream.pending
         try:
             while pending:
-                window = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+                window = min(
+                    conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size
+                )
                 if window <= 0:
                     stream.blocked = True
                     return
@@ -523,21 +534,28 @@ class H2ServerConnection(_H2Engine):
 
     client_side = False
 
-    def send_informational(self, stream_id: int, status: int = 100, headers: Headers = ()) -> None:
-        stream = self._streams.get(stream_id)
-        if stream is None or stream.local_closed or self._dead:
-            return
-        self._send_headers(stream_id, _filter_headers(headers, [(b":status", b"%d" % status)]), False)
-
-    def send_response(
-        self, stream_id: int, status: int, headers: Headers, end_stream: bool = False
+    def send_informational(
+        self, stream_id: int, status: int = 100, headers: HeadersIn = ()
     ) -> None:
         stream = self._streams.get(stream_id)
         if stream is None or stream.local_closed or self._dead:
             return
-        if self._send_headers(
-            stream_id, _filter_headers(headers, [(b":status", b"%d" % status)]), end_stream
-        ) and end_stream:
+        self._send_headers(
+            stream_id, _filter_headers(headers, [(b":status", b"%d" % status)]), False
+        )
+
+    def send_response(
+        self, stream_id: int, status: int, headers: HeadersIn, end_stream: bool = False
+    ) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_closed or self._dead:
+            return
+        if (
+            self._send_headers(
+                stream_id, _filter_headers(headers, [(b":status", b"%d" % status)]), end_stream
+            )
+            and end_stream
+        ):
             stream.local_closed = True
             self._maybe_forget(stream)
 
@@ -564,7 +582,7 @@ class H2ClientConnection(_H2Engine):
         method: bytes,
         path: bytes,
         authority: bytes,
-        headers: Headers = (),
+        headers: HeadersIn = (),
         end_stream: bool = True,
         scheme: bytes = b"http",
         protocol: bytes | None = None,
@@ -585,7 +603,12 @@ class H2ClientConnection(_H2Engine):
         if method == b"CONNECT" and protocol is None:
             block = [(b":method", method), (b":authority", authority)]
         else:
-            block = [(b":method", method), (b":scheme", scheme), (b":authority", authority), (b":path", path)]
+            block = [
+                (b":method", method),
+                (b":scheme", scheme),
+                (b":authority", authority),
+                (b":path", path),
+            ]
             if protocol is not None:
                 block.append((b":protocol", protocol))
         stream = _Stream(stream_id)
