@@ -430,3 +430,15 @@ def test_delta_nack_names_resource_and_keeps_config() -> None:
             assert "Cluster 'x': name" in nack.error_detail.message
 
     run(body())
+
+
+def test_unrequested_eds_resources_are_not_stored() -> None:
+    async def body() -> None:
+        async with Harness() as h:
+            await h.sotw_sync()
+            n = h.srv.send(EDS, "e2", [cla(C1, "10.0.0.7"), cla("nobody-asked")])
+            await h.ack(EDS, "e2", n)
+            assert set(h.c.state.resources(EDS)) == {C1}
+            assert h.applied[-1] == ("EDS", [C1], [])
+
+    run(body())

@@ -30,6 +30,7 @@ Neighbours: ``state`` (accepted config, warming), ``handlers``, ``backoff``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,9 +54,13 @@ log = logging.getLogger(__name__)
 Mode = Literal["sotw", "delta"]
 
 #: Channel defaults: big config pushes, no transparent gRPC retries (we resync ourselves).
+#: Keepalive pings every 5 min (gRPC servers' default minimum, so no GOAWAY for pinging
+#: too often) notice a control plane that vanished without closing the connection.
 DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", 128 * 1024 * 1024),
     ("grpc.enable_retries", 0),
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
 )
 _MAX_ERROR_DETAIL = 8192
 
@@ -144,7 +149,9 @@ class AdsClient:
             try:
                 await task
             except asyncio.CancelledError:
-                pass
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # we were cancelled ourselves: do not swallow it
 
     async def run(self) -> None:
         """Connect, stream, and reconnect with backoff until :meth:`stop`."""
@@ -172,12 +179,13 @@ class AdsClient:
                 self.stats.reconnects += 1
                 self.stats.last_delay = delay
                 self._notify()
-                try:
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._stop.wait()
         finally:
             timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
             self.connected = False
             self._session = None
 
@@ -194,7 +202,8 @@ class AdsClient:
             fut: asyncio.Future[None] = loop.create_future()
             self._waiters.add(fut)
             try:
-                await asyncio.wait_for(fut, remaining)
+                async with asyncio.timeout(remaining):
+                    await fut
             except TimeoutError:
                 return predicate()
             finally:
@@ -265,13 +274,17 @@ class AdsClient:
 
     async def _warming_loop(self) -> None:
         """Activates warming resources when ``initial_fetch_timeout`` runs out."""
-        clock = self.state._clock
+        clock = self.state.clock
         while True:
             deadline = self.state.next_warming_deadline()
             self._timer_wake.clear()
             timeout = None if deadline is None else max(0.0, deadline - clock())
             try:
-                await asyncio.wait_for(self._timer_wake.wait(), timeout)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that races with the event being set (the task then
+                # never ends).
+                async with asyncio.timeout(timeout):
+                    await self._timer_wake.wait()
             except TimeoutError:
                 self.state.expire_warming()
 
@@ -340,15 +353,22 @@ class AdsClient:
             "rejecting %s version %r (nonce %s); keeping the previous config: %s",
             types.short_name(type_url), version, nonce, detail.message,
         )
-        nack = NackInfo(type_url, version, nonce, detail.message, tuple(errors), self.state._wall())
+        nack = NackInfo(type_url, version, nonce, detail.message, tuple(errors), self.state.wall())
         self.state.record_nack(type_url, nack, failed)
 
     def _resources(self, decoded: Iterable[_Decoded], type_url: str) -> dict[str, Resource]:
-        """Decoded resources that differ from what is accepted (new bytes or version)."""
+        """Decoded resources that differ from what is accepted (new bytes or version).
+
+        For EDS/RDS, resources nobody references (not subscribed) are skipped.
+        """
         have = self.state.accepted(type_url)
-        now = self.state._wall()
+        want = None if self._wildcard(type_url) else self.state.subscriptions(type_url)
+        now = self.state.wall()
         out: dict[str, Resource] = {}
         for d in decoded:
+            if want is not None and d.name not in want:
+                log.debug("ignoring unrequested %s %r", types.short_name(type_url), d.name)
+                continue
             old = have.get(d.name)
             if old is not None and old.raw == d.raw and old.version == d.version:
                 continue

@@ -86,8 +86,8 @@ class XdsState:
     ) -> None:
         self.handlers = dict(handlers)
         self.initial_fetch_timeout = initial_fetch_timeout
-        self._clock = clock
-        self._wall = wall
+        self.clock = clock  # monotonic seconds: warming deadlines
+        self.wall = wall  # wall-clock seconds: last_updated in dumps
         self._types = {
             url: _TypeState(url, url in _WARMING_TYPES) for url in types.apply_order(self.handlers)
         }
@@ -251,7 +251,7 @@ class XdsState:
     # -- internals ----------------------------------------------------------------------
 
     def _activate(self) -> dict[str, dict[str, Resource]]:
-        now = self._clock()
+        now = self.clock()
         timeout = self.initial_fetch_timeout
         out: dict[str, dict[str, Resource]] = {}
         for url in _WARMING_TYPES:
