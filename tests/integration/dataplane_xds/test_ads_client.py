@@ -442,3 +442,29 @@ def test_unrequested_eds_resources_are_not_stored() -> None:
             assert h.applied[-1] == ("EDS", [C1], [])
 
     run(body())
+
+
+
+def test_stop_is_prompt_even_when_racing_a_state_update() -> None:
+    """Regression: on 3.11 ``asyncio.wait_for`` swallowed a cancel that raced the warming
+    timer's wake-up, and ``stop()`` hung while a resource was warming."""
+    from isthmus.dataplane.xds import Resource
+
+    async def body() -> None:
+        for _ in range(20):
+            client = AdsClient(f"127.0.0.1:{free_port()}", node(), backoff=Backoff(0.02, 0.1))
+            c = eds_cluster("warming")
+            h = client.state.handlers[CDS]
+            client.state.commit(CDS, "1", {"warming": Resource(
+                "warming", "1", c, c.SerializeToString(), 0.0, h.references("warming", c))})
+            assert client.state.next_warming_deadline() is not None
+            task = client.start()
+            client._notify()  # wakes the timer: the next turn sets up its wait again
+            for _ in range(3):
+                await asyncio.sleep(0)  # let the run task reach its waits (not a sync point)
+            client._notify()  # an update lands in the same loop turn as the cancel
+            async with asyncio.timeout(2):
+                await client.stop()
+            assert task.done()
+
+    run(body())
