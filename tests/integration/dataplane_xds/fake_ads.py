@@ -51,7 +51,26 @@ class FakeAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     async def start(self, port: int = 0) -> None:
         server = grpc.aio.server()
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, server)
+
+        def ser(m: Any) -> bytes:  # raw bytes pass through: lets a test send garbage
+            return m if isinstance(m, bytes) else m.SerializeToString()
+
+        handlers = {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.StreamAggregatedResources,
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=ser,
+            ),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.DeltaAggregatedResources,
+                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                response_serializer=ser,
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(
+                "envoy.service.discovery.v3.AggregatedDiscoveryService", handlers),)
+        )
         self.port = server.add_insecure_port(f"127.0.0.1:{port or self.port}")
         assert self.port, "could not bind the fake ADS server"
         await server.start()

@@ -468,3 +468,18 @@ def test_stop_is_prompt_even_when_racing_a_state_update() -> None:
             assert task.done()
 
     run(body())
+
+
+def test_undecodable_response_bytes_break_the_stream_and_the_client_reconnects() -> None:
+    async def body() -> None:
+        async with Harness() as h:
+            await h.sotw_sync()
+            before = {t: h.c.state.resources(t) for t in (CDS, EDS, LDS, RDS)}
+            h.srv.send_raw(b"\xff\xff\xff garbage")
+            # The client drops the stream and opens a new one, config intact.
+            cds = await h.srv.next_request(CDS)
+            assert cds.node.id and cds.version_info == "c1" and cds.response_nonce == ""
+            assert len(h.srv.streams) == 2
+            assert {t: h.c.state.resources(t) for t in before} == before
+
+    run(body())
