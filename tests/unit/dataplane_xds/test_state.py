@@ -163,3 +163,16 @@ def test_a_failing_handler_does_not_break_the_state() -> None:
     r = res(CDS, static_cluster("s"))
     st.commit(CDS, "1", {"s": r})
     assert set(st.resources(CDS)) == {"s"} and len(seen) == 1
+
+
+def test_server_reported_absence_ends_warming_but_unsubscription_does_not() -> None:
+    st, _, _ = make()
+    commit(st, CDS, "1", static_cluster("s"))
+    commit(st, LDS, "1", http_listener("l", 80, "r"))
+    st.commit(RDS, None, {}, ["r"])  # client-side drop: says nothing about existence
+    assert "l" in st.warming(LDS)
+    st.commit(RDS, "2", {}, ["r"])  # delta: the server says "r" does not exist
+    assert set(st.resources(LDS)) == {"l"}
+    commit(st, CDS, "2", static_cluster("s"), eds_cluster("e"))
+    st.commit(EDS, "1", {}, ["e"])
+    assert set(st.resources(CDS)) == {"s", "e"}

@@ -12,7 +12,8 @@ What it does, following Envoy's xDS protocol:
   delta NACK = the nonce + ``error_detail``. Accepted responses are ACKed with their
   version (SotW) or nonce (delta). The accepted config of that type stays as it was.
 * Clusters warm until their endpoints arrive and listeners until their routes and
-  clusters exist, or ``initial_fetch_timeout`` passes (see ``state``).
+  clusters exist, or ``initial_fetch_timeout`` passes, or (delta) the server reports
+  what they wait for as removed (see ``state``).
 * The stream runs forever: if the control plane is down or the stream breaks, it
   reconnects with exponential backoff and full jitter (0.5 s .. 30 s, reset by a good
   response) and resyncs (SotW: full state per type, removals inferred for LDS/CDS;

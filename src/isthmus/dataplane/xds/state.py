@@ -6,7 +6,9 @@ additionally have an *active* set: a new or updated cluster is *warming* until t
 ClusterLoadAssignment it names has arrived, and a listener until the route configs it
 names have arrived and every cluster it (or those routes) uses is active. Warming
 resources are activated anyway once ``initial_fetch_timeout`` has passed (clusters then
-run with no endpoints); an older version keeps serving while its update warms.
+run with no endpoints), or at once when the server says (delta ``removed_resources``)
+that what they wait for does not exist; an older version keeps serving while its update
+warms.
 
 Handlers see only activations, in Envoy's order: the committed type first, then clusters
 and listeners that became active because of it (CDS, EDS, LDS, RDS). Change callbacks
@@ -66,6 +68,9 @@ class _TypeState:
     errors: dict[str, ResourceError] = field(default_factory=dict)
     nack: NackInfo | None = None
     responded: bool = False
+    # Names the server said do not exist (delta removed_resources): whoever waits for
+    # them stops waiting, as Envoy does for a resource reported DOES_NOT_EXIST.
+    absent: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if not self.warms:
@@ -197,6 +202,10 @@ class XdsState:
             ts.responded = True
         gone: set[str] = set()
         for name in removed:
+            if version_info is not None:
+                ts.absent.add(name)
+            else:
+                ts.absent.discard(name)  # unsubscribed: we no longer know
             if name in ts.accepted or name in ts.active:
                 ts.accepted.pop(name, None)
                 ts.active.pop(name, None)
@@ -206,6 +215,7 @@ class XdsState:
         for name, res in updated.items():
             ts.accepted[name] = res
             ts.errors.pop(name, None)
+            ts.absent.discard(name)
         if replace_errors:
             ts.errors.clear()
         activated = self._activate()
@@ -288,7 +298,9 @@ class XdsState:
             eds = self._types.get(types.ENDPOINT)
             if eds is not None:
                 missing.update(
-                    f"EDS {n!r}" for n in res.references.get(types.ENDPOINT, ()) if n not in eds.accepted
+                    f"EDS {n!r}"
+                    for n in res.references.get(types.ENDPOINT, ())
+                    if n not in eds.accepted and n not in eds.absent
                 )
             return missing
         # listener
@@ -298,7 +310,8 @@ class XdsState:
             for n in res.references.get(types.ROUTE, ()):
                 rc = rds.accepted.get(n)
                 if rc is None:
-                    missing.add(f"RDS {n!r}")
+                    if n not in rds.absent:
+                        missing.add(f"RDS {n!r}")
                 else:
                     clusters.update(rc.references.get(types.CLUSTER, ()))
         cds = self._types.get(types.CLUSTER)
