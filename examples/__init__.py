@@ -1,0 +1,1 @@
+"""Example applications run on the Isthmus mesh."""
