@@ -475,7 +475,9 @@ class _SotwSession(_Session):
                 continue
             seen.add(d.name)
             decoded.append(d)
-        names = self.sent.get(t, frozenset())
+        names = self.sent.get(t)
+        if names is None:  # a type we have not asked for on this stream
+            names = frozenset() if self.client._wildcard(t) else self.state.subscriptions(t)
         if errors:
             detail = self.client._error_detail(t, errors)
             self._request(t, names, version=self.state.version_info(t), error=detail)
