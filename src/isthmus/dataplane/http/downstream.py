@@ -1,0 +1,295 @@
+"""Http1Downstream: the HTTP connection manager's connection side for HTTP/1.x.
+
+An asyncio Protocol around ``sansio.http1.Http1ServerConnection``. Each request becomes a
+``DownstreamStream`` handled by its own task (``conn_manager.handle_stream``), so
+pipelined requests are processed concurrently and the codec writes their responses in
+order. Request bodies stream through a ``BodyChannel``; reading pauses when a body
+backlog is over its high watermark or the codec has too many pipelined requests, and
+responses wait in ``drain()`` while the socket's write buffer is full.
+
+Connection lifetime: idle timeout between requests (HCM ``common_http_protocol_options``
+``idle_timeout``), ``max_requests_per_connection``, and drain (``start_drain``): no new
+requests; the last in-flight response carries ``Connection: close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from isthmus.dataplane.http.body import BodyChannel
+from isthmus.dataplane.proxy.config import CompiledListener, HcmConfig
+from isthmus.dataplane.sansio.events import (
+    ConnectionClosed,
+    Data,
+    ProtocolError,
+    RequestHeaders,
+    StreamReset,
+    Trailers,
+    Upgrade,
+)
+from isthmus.dataplane.sansio.http1 import Http1ServerConnection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ConnContext:
+    """What a downstream connection knows about itself and the proxy."""
+
+    proxy: Any  # proxy.server.ProxyCore: runtime manager, stats, tasks, drain
+    listener: CompiledListener
+    hcm: HcmConfig
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    original_dst: tuple[str, int] | None = None
+
+
+class DownstreamStream:
+    """One request/response exchange on a downstream connection."""
+
+    __slots__ = ("body", "conn", "head", "response_started", "sid", "task", "upgrade",
+                 "done", "flags")
+
+    def __init__(self, conn: Http1Downstream, head: RequestHeaders) -> None:
+        self.conn = conn
+        self.sid = head.stream_id
+        self.head = head
+        self.body: BodyChannel | None = None if head.end_stream else BodyChannel(conn.resume)
+        self.upgrade: bytes | None = None
+        self.response_started = False
+        self.done = False
+        self.task: asyncio.Task[None] | None = None
+        self.flags = ""
+
+    def send_informational(self, status: int) -> None:
+        c = self.conn
+        c.codec.send_informational(self.sid, status)
+        c.flush()
+
+    def send_response(self, status: int, headers: list[tuple[bytes, bytes]],
+                      end_stream: bool) -> None:
+        self.response_started = True
+        c = self.conn
+        c.codec.send_response(self.sid, status, headers, end_stream)
+        if end_stream:
+            self.done = True
+        c.flush()
+
+    def send_data(self, data: bytes, end_stream: bool) -> None:
+        c = self.conn
+        c.codec.send_data(self.sid, data, end_stream)
+        if end_stream:
+            self.done = True
+        c.flush()
+
+    def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        c = self.conn
+        c.codec.send_trailers(self.sid, headers)
+        self.done = True
+        c.flush()
+
+    async def drain(self) -> None:
+        await self.conn.drain()
+
+    def reset(self) -> None:
+        """Abort the exchange (HTTP/1: the connection closes)."""
+        self.done = True
+        c = self.conn
+        c.codec.reset_stream(self.sid)
+        c.flush()
+
+
+class Http1Downstream(asyncio.Protocol):
+    def __init__(self, ctx: ConnContext, handler: Any) -> None:
+        self.ctx = ctx
+        self.handler = handler  # async (DownstreamStream) -> None
+        hcm = ctx.hcm
+        self.codec = Http1ServerConnection(max_header_bytes=hcm.max_request_headers_kb * 1024)
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, DownstreamStream] = {}
+        self.closed = False
+        self.requests = 0
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._read_paused = False
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_event_loop()
+        self._tracker = ctx.proxy.connections
+        self._http_stats = ctx.proxy.stats.scope(f"http.{hcm.stat_prefix}.")
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self._tracker.add(self)
+        self._http_stats.inc("downstream_cx_total")
+        self._http_stats.add("downstream_cx_active", 1)
+        self._arm_idle()
+        if self.ctx.proxy.draining:
+            self.start_drain()
+
+    def data_received(self, data: bytes) -> None:
+        self._handle(self.codec.receive_data(data))
+
+    def eof_received(self) -> bool:
+        self._handle(self.codec.receive_eof())
+        return True  # keep our side open to finish in-flight responses
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._tracker.discard(self)
+        self._http_stats.add("downstream_cx_active", -1)
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        for st in list(self.streams.values()):
+            if st.body is not None:
+                st.body.feed_reset()
+            if st.task is not None and not st.done:
+                st.task.cancel()
+        self.streams.clear()
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _handle(self, events: list[Any]) -> None:
+        streams = self.streams
+        for ev in events:
+            t = type(ev)
+            if t is RequestHeaders:
+                self._new_stream(ev)
+            elif t is Data:
+                st = streams.get(ev.stream_id)
+                if st is not None and st.body is not None:
+                    st.body.feed(ev.data, ev.end_stream)
+                    if st.body.over_high:
+                        self._pause()
+            elif t is Trailers:
+                st = streams.get(ev.stream_id)
+                if st is not None and st.body is not None:
+                    st.body.trailers = ev.headers
+                    st.body.feed(b"", True)
+            elif t is Upgrade:
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    st.upgrade = ev.protocol
+                    if st.body is None:
+                        st.body = BodyChannel(self.resume)
+            elif t is StreamReset:
+                st = streams.pop(ev.stream_id, None)
+                if st is not None:
+                    if st.body is not None:
+                        st.body.feed_reset()
+                    if st.task is not None and not st.response_started:
+                        st.task.cancel()
+            elif t is ProtocolError:
+                self._http_stats.inc("downstream_cx_protocol_error")
+            elif t is ConnectionClosed:
+                for st in streams.values():
+                    if st.body is not None and not st.body.ended:
+                        st.body.feed_reset()
+        self.flush()
+        if self.codec.read_paused:
+            self._pause()
+
+    def _new_stream(self, head: RequestHeaders) -> None:
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        self.requests += 1
+        st = DownstreamStream(self, head)
+        self.streams[st.sid] = st
+        max_rq = self.ctx.hcm.max_requests_per_connection
+        if max_rq is not None and self.requests >= max_rq:
+            self.codec.close()
+        st.task = self.ctx.proxy.spawn(self._run(st))
+
+    async def _run(self, st: DownstreamStream) -> None:
+        try:
+            await self.handler(st)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("request handling failed")
+            if not st.response_started and not self.closed:
+                st.send_response(500, [(b"content-length", b"0")], True)
+            elif not st.done:
+                st.reset()
+        finally:
+            if not st.done and not self.closed:
+                st.reset()
+            self.streams.pop(st.sid, None)
+            if not self.closed:
+                if self._read_paused and not self.codec.read_paused:
+                    self.resume()
+                if not self.streams:
+                    self._arm_idle()
+
+    # -- output ---------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        out = self.codec.data_to_send()
+        t = self.transport
+        if t is None or self.closed:
+            return
+        if out:
+            t.write(out)
+        if self.codec.wants_close:
+            t.close()
+
+    async def drain(self) -> None:
+        while self._write_paused and not self.closed:
+            if self._drain_waiter is None or self._drain_waiter.done():
+                self._drain_waiter = self._loop.create_future()
+            await self._drain_waiter
+
+    # -- flow control / lifetime ------------------------------------------------------------
+
+    def _pause(self) -> None:
+        if not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if not self._read_paused or self.closed or self.transport is None:
+            return
+        for st in self.streams.values():
+            if st.body is not None and st.body.over_high:
+                return
+        self._read_paused = False
+        self.transport.resume_reading()
+        if not self.codec.read_paused:
+            self._handle(self.codec.receive_data(b""))  # parse what waited in the backlog
+
+    def _arm_idle(self) -> None:
+        t = self.ctx.hcm.idle_timeout_s
+        if t and not self.closed:
+            if self._idle_handle is not None:
+                self._idle_handle.cancel()
+            self._idle_handle = self._loop.call_later(t, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        if not self.streams and self.codec.idle and self.transport is not None:
+            self._http_stats.inc("downstream_cx_idle_timeout")
+            self.transport.close()
+
+    def start_drain(self) -> None:
+        """Stop taking requests: close now if idle, else after the in-flight responses."""
+        self.codec.close()
+        if not self.streams and self.transport is not None:
+            self.transport.close()

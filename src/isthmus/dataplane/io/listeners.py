@@ -1,0 +1,412 @@
+"""ListenerManager: bound sockets for the current Runtime, accept loops, listener filters,
+filter-chain selection and hand-off to tcp_proxy or the HTTP connection manager.
+
+``ListenerManager.apply(runtime)`` (a RuntimeManager subscriber) binds every listener
+with ``bind_to_port`` (SO_REUSEADDR + SO_REUSEPORT so ``--concurrency`` workers share
+the port; IP_TRANSPARENT when ``transparent``), keeps sockets whose address is
+unchanged (the listener config is looked up by name at accept time, so an LDS update
+applies to the next connection without a rebind gap), and closes sockets of removed
+listeners: they stop accepting while their connections finish (drain).
+
+Per accepted connection (``_serve``), in Envoy's order:
+  1. ``original_dst``: SO_ORIGINAL_DST (REDIRECT) or the local address (TPROXY);
+  2. ``use_original_dst`` hand-off to the listener for ip:port / 0.0.0.0:port, else the
+     receiving listener's own chains (Istio: PassthroughCluster / BlackHoleCluster);
+  3. ``tls_inspector`` / ``http_inspector`` of the chosen listener: MSG_PEEK the first
+     bytes (SNI + ALPN from a ClientHello, or http/1.0, http/1.1, h2c) until decided or
+     ``listener_filters_timeout``, after which it continues as raw TCP when
+     ``continue_on_listener_filters_timeout`` (server-first protocols do not stall);
+  4. filter chain selection (``envoy.filter_chain``); no chain: close;
+  5. tcp_proxy: weighted cluster pick, host from the cluster's LB (ORIGINAL_DST: the
+     original destination; BlackHoleCluster / no host: close), connect with the
+     cluster's connect_timeout, then the splice relay (``io.relay``) with idle_timeout;
+     HCM: an ``Http1Downstream`` protocol on the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from isthmus.dataplane.envoy.filter_chain import ConnectionInfo
+from isthmus.dataplane.envoy.circuit_breakers import Resource
+from isthmus.dataplane.envoy.outlier import LocalOrigin
+from isthmus.dataplane.io.relay import relay
+from isthmus.dataplane.io.sockopts import NoOriginalDestination, recover_original_dst, set_transparent
+from isthmus.dataplane.io.upstream import UpstreamConnectError, connect
+from isthmus.dataplane.proxy.config import CompiledListener, FilterChain, TcpProxyConfig
+from isthmus.dataplane.sansio import detect
+
+log = logging.getLogger(__name__)
+
+BACKLOG = 1024
+ACCEPTS_PER_EVENT = 64
+PEEK_BYTES = 4096
+PEEK_POLL_S = 0.005
+
+
+# --------------------------------------------------------------------------- TLS peek
+
+
+def parse_client_hello(data: bytes) -> tuple[str, tuple[str, ...]] | None:
+    """(SNI, ALPN protocols) from a TLS ClientHello; None while incomplete. Malformed
+    input yields ("", ()) (the connection is still TLS, just without those hints)."""
+    if len(data) < 5:
+        return None
+    rec_len = struct.unpack_from("!H", data, 3)[0]
+    if len(data) < 5 + min(rec_len, 4):
+        return None
+    body = data[5:5 + rec_len]
+    if len(body) < 4:
+        return None
+    hs_len = int.from_bytes(body[1:4], "big")
+    if len(body) < 4 + hs_len:
+        return None if len(data) < 5 + rec_len else ("", ())  # spans records: give up
+    try:
+        p = 4 + 2 + 32  # version, random
+        sid_len = body[p]
+        p += 1 + sid_len
+        cs_len = struct.unpack_from("!H", body, p)[0]
+        p += 2 + cs_len
+        comp_len = body[p]
+        p += 1 + comp_len
+        if p + 2 > len(body):
+            return "", ()
+        ext_total = struct.unpack_from("!H", body, p)[0]
+        p += 2
+        end = min(len(body), p + ext_total)
+        sni = ""
+        alpn: list[str] = []
+        while p + 4 <= end:
+            etype, elen = struct.unpack_from("!HH", body, p)
+            p += 4
+            ext = body[p:p + elen]
+            p += elen
+            if etype == 0 and len(ext) >= 5:  # server_name
+                name_len = struct.unpack_from("!H", ext, 3)[0]
+                if ext[2] == 0:
+                    sni = ext[5:5 + name_len].decode("ascii", "replace").lower()
+            elif etype == 16 and len(ext) >= 2:  # ALPN
+                q = 2
+                while q < len(ext):
+                    n = ext[q]
+                    alpn.append(ext[q + 1:q + 1 + n].decode("ascii", "replace"))
+                    q += 1 + n
+        return sni, tuple(alpn)
+    except (IndexError, struct.error):
+        return "", ()
+
+
+_HTTP_ALPN = {detect.Protocol.HTTP11: "http/1.1", detect.Protocol.HTTP10: "http/1.0",
+              detect.Protocol.HTTP2: "h2c"}
+
+
+async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                         timeout: float) -> bool:
+    fut = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await asyncio.wait_for(fut, timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+
+
+@dataclass(slots=True)
+class Inspection:
+    transport: str = "raw_buffer"
+    sni: str = ""
+    alpn: tuple[str, ...] = ()
+    timed_out: bool = False
+
+
+async def inspect(sock: socket.socket, lis: CompiledListener) -> Inspection:
+    """Run tls_inspector / http_inspector by peeking (never consuming) the first bytes."""
+    want_tls = "tls_inspector" in lis.listener_filters
+    want_http = "http_inspector" in lis.listener_filters
+    out = Inspection()
+    if not (want_tls or want_http):
+        return out
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (lis.listener_filters_timeout_s or 3600.0)
+    last_len = -1
+    while True:
+        try:
+            data = sock.recv(PEEK_BYTES, socket.MSG_PEEK)
+        except BlockingIOError:
+            data = None
+        except OSError:
+            return out
+        if data == b"":
+            return out  # peer closed before saying anything
+        if data:
+            kind = detect.sniff(data)
+            if kind is detect.Protocol.TLS:
+                if want_tls:
+                    hello = parse_client_hello(data)
+                    if hello is not None:
+                        out.transport = "tls"
+                        out.sni, out.alpn = hello
+                        return out
+                else:
+                    return out
+            elif kind in _HTTP_ALPN:
+                if want_http:
+                    out.alpn = (_HTTP_ALPN[kind],)
+                return out
+            elif kind is detect.Protocol.UNKNOWN:
+                return out
+            if len(data) >= PEEK_BYTES:
+                return out
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            out.timed_out = True
+            return out
+        if data is None or len(data) != last_len:
+            if data is None:
+                if not await _wait_readable(loop, sock, remaining):
+                    out.timed_out = True
+                    return out
+                continue
+            last_len = len(data)
+        await asyncio.sleep(min(PEEK_POLL_S, remaining))  # more bytes of a started head
+
+
+# --------------------------------------------------------------------------- listeners
+
+
+@dataclass(slots=True)
+class _Bound:
+    name: str
+    sock: socket.socket
+    key: tuple[str, int]
+    port: int
+
+
+def bind_listener(address: str, port: int, transparent: bool = False,
+                  reuse_port: bool = True) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if transparent:
+            set_transparent(sock)
+        if family == socket.AF_INET6 and address == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((address, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ListenerManager:
+    def __init__(self, core: Any) -> None:
+        self.core = core
+        self.bound: dict[tuple[str, int], _Bound] = {}
+        self.bind_errors: dict[str, str] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.accepting = True
+
+    def apply(self, runtime: Any) -> None:
+        loop = self._loop or asyncio.get_running_loop()
+        self._loop = loop
+        desired: dict[tuple[str, int], CompiledListener] = {}
+        for lis in runtime.listeners.values():
+            if lis.bind_to_port:
+                desired.setdefault(lis.bind_key, lis)
+        for key in [k for k in self.bound if k not in desired]:
+            self._close(self.bound.pop(key))
+        if not self.accepting:
+            return
+        for key, lis in desired.items():
+            b = self.bound.get(key)
+            if b is not None:
+                b.name = lis.name
+                continue
+            try:
+                sock = bind_listener(lis.address, lis.port, lis.transparent,
+                                     self.core.reuse_port)
+            except OSError as exc:
+                self.bind_errors[lis.name] = str(exc)
+                log.error("cannot bind listener %s on %s:%d: %s", lis.name, lis.address,
+                          lis.port, exc)
+                continue
+            self.bind_errors.pop(lis.name, None)
+            b = _Bound(lis.name, sock, key, sock.getsockname()[1])
+            self.bound[key] = b
+            loop.add_reader(sock.fileno(), self._on_accept, b)
+            log.info("listener %s bound on %s:%d", lis.name, lis.address, b.port)
+
+    def port_of(self, name: str) -> int | None:
+        for b in self.bound.values():
+            if b.name == name:
+                return b.port
+        return None
+
+    def _close(self, b: _Bound) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.remove_reader(b.sock.fileno())
+            except (ValueError, OSError):
+                pass
+        b.sock.close()
+        log.info("listener %s on %s:%d closed (its connections drain)", b.name, *b.key)
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        for b in list(self.bound.values()):
+            self._close(b)
+        self.bound.clear()
+
+    def _on_accept(self, b: _Bound) -> None:
+        for _ in range(ACCEPTS_PER_EVENT):
+            try:
+                sock, addr = b.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept on %s failed: %s", b.name, exc)
+                return
+            sock.setblocking(False)
+            self.core.spawn(self._serve(b.name, sock, addr))
+
+    # -- one connection ---------------------------------------------------------------------
+
+    async def _serve(self, name: str, sock: socket.socket, remote: Any) -> None:
+        core = self.core
+        runtime = core.manager.runtime
+        lis = runtime.listeners.get(name)
+        handed = False
+        try:
+            if lis is None:
+                return
+            stats = core.stats
+            stats.inc(f"listener.{lis.address}_{lis.port}.downstream_cx_total")
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            local = _addr(sock.getsockname())
+            remote_a = _addr(remote)
+            dst = None
+            if "original_dst" in lis.listener_filters:
+                try:
+                    dst = _addr(recover_original_dst(sock, tproxy=lis.transparent))
+                except (NoOriginalDestination, OSError):
+                    dst = None
+            target = lis
+            if lis.use_original_dst and dst is not None:
+                target = runtime.listener_for_original_dst(lis, dst[0], dst[1])
+            d = dst or local
+            chain = target.single_chain
+            insp = Inspection()
+            if chain is None or target.listener_filters:
+                insp = await inspect(sock, target)
+                if insp.timed_out and not target.continue_on_listener_filters_timeout:
+                    stats.inc(f"listener.{lis.address}_{lis.port}.downstream_pre_cx_timeout")
+                    return
+            if chain is None:
+                ref = target.matcher.select(ConnectionInfo(
+                    d[0], d[1], remote_a[0], remote_a[1], insp.sni, insp.transport, insp.alpn))
+                chain = target.chain(ref.index) if ref is not None else None
+            if chain is None:
+                stats.inc(f"listener.{lis.address}_{lis.port}.no_filter_chain_match")
+                return
+            if chain.tls:
+                stats.inc(f"listener.{lis.address}_{lis.port}.downstream_tls_unsupported")
+                log.warning("listener %s chain %r needs TLS termination, which is not "
+                            "implemented yet; closing", target.name, chain.name)
+                return
+            if chain.tcp_proxy is not None:
+                await self._tcp_proxy(chain.tcp_proxy, sock, d)
+                return
+            assert chain.hcm is not None
+            from isthmus.dataplane.http.conn_manager import handle_stream
+            from isthmus.dataplane.http.downstream import ConnContext, Http1Downstream
+
+            ctx = ConnContext(core, target, chain.hcm, local, remote_a, dst)
+            loop = asyncio.get_running_loop()
+            await loop.connect_accepted_socket(lambda: Http1Downstream(ctx, handle_stream), sock)
+            handed = True
+        except Exception:
+            log.exception("connection on %s failed", name)
+        finally:
+            if not handed:
+                sock.close()
+
+    async def _tcp_proxy(self, tp: TcpProxyConfig, sock: socket.socket,
+                         dst: tuple[str, int]) -> None:
+        from isthmus.dataplane.proxy.runtime import random64
+
+        core = self.core
+        cluster_name = tp.pick(random64())
+        cluster = core.manager.clusters.get(cluster_name)
+        stats = core.stats.scope(f"tcp.{tp.stat_prefix}.")
+        stats.inc("downstream_cx_total")
+        if cluster is None:
+            stats.inc("downstream_cx_no_route")
+            return
+        cs = cluster.stats
+        if cluster.config.type == "ORIGINAL_DST":
+            host_addr: tuple[str, int] | None = dst
+            host = None
+        else:
+            host = cluster.pick()
+            host_addr = (host.address, host.port) if host is not None else None
+        if host_addr is None:
+            cs.inc("upstream_cx_none_healthy")
+            return
+        res = cluster.resources
+        if not res.try_acquire(Resource.CONNECTIONS):
+            cs.inc("upstream_cx_overflow")
+            return
+        try:
+            cs.inc("upstream_cx_total")
+            up = None
+            for attempt in range(tp.max_connect_attempts):
+                try:
+                    up = await connect(host_addr[0], host_addr[1],
+                                       cluster.config.connect_timeout_s, core.mark)
+                    break
+                except UpstreamConnectError as exc:
+                    cs.inc("upstream_cx_connect_fail")
+                    if exc.reason == "timeout":
+                        cs.inc("upstream_cx_connect_timeout")
+                    if host is not None:
+                        cluster.record(host, LocalOrigin.CONNECT_FAILED)
+            if up is None:
+                return
+            if host is not None:
+                cluster.record(host, LocalOrigin.CONNECT_SUCCESS_FINAL)
+            cs.add("upstream_cx_active", 1)
+            try:
+                st = await relay(sock, up, idle_timeout=tp.idle_timeout_s)
+                cs.inc("upstream_cx_tx_bytes_total", st.upstream_bytes)
+                cs.inc("upstream_cx_rx_bytes_total", st.downstream_bytes)
+            finally:
+                cs.add("upstream_cx_active", -1)
+                up.close()
+        finally:
+            res.release(Resource.CONNECTIONS)
+
+
+def _addr(a: Any) -> tuple[str, int]:
+    host, port = a[0], a[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, port
+
+
+__all__ = ["Inspection", "ListenerManager", "bind_listener", "inspect", "parse_client_hello"]

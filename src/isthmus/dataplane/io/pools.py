@@ -1,0 +1,152 @@
+"""Upstream HTTP/1.1 connection pools, one per (cluster, host), with circuit breakers.
+
+``Http1Pool.acquire()`` returns an idle keep-alive connection or opens a new one (within
+the cluster's ``max_connections``; beyond it the request waits as *pending*, within
+``max_pending_requests``, for a connection to be released; past that ``PoolOverflow``,
+Envoy's UO). ``release(conn)`` puts a reusable connection back (LIFO, so hot connections
+stay hot) with an idle timer, or closes it (max requests per connection reached,
+``Connection: close``, error, retired pool). ``close_idle(retire=True)`` is called when
+the host leaves the cluster or the cluster is replaced: idle connections close at once,
+busy ones when their exchange ends (drain).
+Neighbours: ``io.upstream`` (connections), ``proxy.runtime.Cluster`` (owns pools and
+circuit breakers), ``http.router`` (acquire/release around each attempt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any
+
+from isthmus.dataplane.envoy.circuit_breakers import Resource
+from isthmus.dataplane.io.upstream import Http1Upstream, UpstreamConnectError, connect, open_http1
+
+
+class PoolOverflow(Exception):
+    """Circuit breaker refused a connection or a pending request (response flag UO)."""
+
+
+class Http1Pool:
+    def __init__(self, cluster: Any, address: str, port: int) -> None:
+        self.cluster = cluster
+        self.address = address
+        self.port = port
+        self.key = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        cfg = cluster.config
+        self.connect_timeout = cfg.connect_timeout_s
+        self.max_requests = cfg.max_requests_per_connection
+        self.idle_timeout = cfg.idle_timeout_s
+        self.idle: list[Http1Upstream] = []
+        self.busy = 0
+        self.total = 0
+        self.retired = False
+        self._waiters: deque[asyncio.Future[Http1Upstream | None]] = deque()
+
+    async def acquire(self) -> Http1Upstream:
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.idle_handle is not None:
+                conn.idle_handle.cancel()
+                conn.idle_handle = None
+            if conn.ready:
+                self.busy += 1
+                return conn
+            conn.close()
+        res = self.cluster.resources
+        if not res.try_acquire(Resource.CONNECTIONS):
+            if not res.try_acquire(Resource.PENDING_REQUESTS):
+                self.cluster.stats.inc("upstream_rq_pending_overflow")
+                raise PoolOverflow("max_pending_requests")
+            self.cluster.stats.inc("upstream_rq_pending_total")
+            fut: asyncio.Future[Http1Upstream | None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                conn = await fut
+            finally:
+                res.release(Resource.PENDING_REQUESTS)
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+            if conn is not None:
+                self.busy += 1
+                return conn
+            # a connection slot freed up: open one
+            if not res.try_acquire(Resource.CONNECTIONS):
+                raise PoolOverflow("max_connections")
+        return await self._open()
+
+    async def _open(self) -> Http1Upstream:
+        stats = self.cluster.stats
+        stats.inc("upstream_cx_total")
+        try:
+            sock = await connect(self.address, self.port, self.connect_timeout)
+            conn = await open_http1(sock, self.key, self._lost)
+        except UpstreamConnectError as exc:
+            self.cluster.resources.release(Resource.CONNECTIONS)
+            stats.inc("upstream_cx_connect_fail")
+            if exc.reason == "timeout":
+                stats.inc("upstream_cx_connect_timeout")
+            self._wake_one(None)
+            raise
+        except BaseException:
+            self.cluster.resources.release(Resource.CONNECTIONS)
+            raise
+        self.total += 1
+        self.busy += 1
+        stats.add("upstream_cx_active", 1)
+        return conn
+
+    def _lost(self, conn: Http1Upstream) -> None:
+        self.total -= 1
+        self.cluster.stats.add("upstream_cx_active", -1)
+        self.cluster.resources.release(Resource.CONNECTIONS)
+        if conn in self.idle:
+            self.idle.remove(conn)
+        self._wake_one(None)  # a connection slot is free
+
+    def release(self, conn: Http1Upstream, reusable: bool = True) -> None:
+        self.busy -= 1
+        if (not reusable or self.retired or not conn.ready
+                or (self.max_requests is not None and conn.requests >= self.max_requests)):
+            conn.close()
+            return
+        if self._wake_one(conn):
+            self.busy += 1
+            return
+        conn.last_used = time.monotonic()
+        if self.idle_timeout:
+            conn.idle_handle = asyncio.get_running_loop().call_later(
+                self.idle_timeout, self._expire, conn)
+        self.idle.append(conn)
+
+    def _expire(self, conn: Http1Upstream) -> None:
+        conn.idle_handle = None
+        if conn in self.idle:
+            self.idle.remove(conn)
+            conn.close()
+
+    def _wake_one(self, conn: Http1Upstream | None) -> bool:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return True
+        return False
+
+    def close_idle(self, retire: bool = False) -> None:
+        if retire:
+            self.retired = True
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+
+def pool_for(cluster: Any, address: str, port: int) -> Http1Pool:
+    key = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    pool = cluster.pools.get(key)
+    if pool is None:
+        pool = cluster.pools[key] = Http1Pool(cluster, address, port)
+    return pool
+
+
+__all__ = ["Http1Pool", "PoolOverflow", "pool_for"]

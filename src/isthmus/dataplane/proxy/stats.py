@@ -1,0 +1,75 @@
+"""Stats: the proxy's integer counters (and a few gauges), cheap on the hot path.
+
+Code that counts holds a ``Scope`` (``stats.scope("cluster.outbound|80||a.")``) and calls
+``scope.inc("upstream_rq_total")``: one dict update, no label sets. Names follow Envoy's
+(``cluster.<name>.upstream_rq_2xx``, ``listener.<addr>.downstream_cx_total``,
+``http.<stat_prefix>.downstream_rq_total``); the admin (``proxy/admin.py``) renders them
+as text when scraped. Gauges (``set``/``add``) share the same store.
+Neighbours: ``proxy.runtime`` (cluster scopes), ``io.listeners``, ``http.conn_manager``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+
+
+class Stats:
+    """A flat registry of named integers."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: defaultdict[str, int] = defaultdict(int)
+
+    def inc(self, name: str, n: int = 1) -> None:
+        self._values[name] += n
+
+    def set(self, name: str, value: int) -> None:
+        self._values[name] = value
+
+    def get(self, name: str) -> int:
+        return self._values.get(name, 0)
+
+    def scope(self, prefix: str) -> Scope:
+        return Scope(self, prefix)
+
+    def items(self) -> Iterator[tuple[str, int]]:
+        return iter(sorted(self._values.items()))
+
+    def text(self) -> str:
+        """Envoy's ``/stats`` text: ``name: value`` per line, sorted."""
+        return "".join(f"{k}: {v}\n" for k, v in self.items())
+
+
+class Scope:
+    """Counters under one prefix; key strings are built once per name."""
+
+    __slots__ = ("_keys", "_values", "prefix")
+
+    def __init__(self, stats: Stats, prefix: str) -> None:
+        self.prefix = prefix if not prefix or prefix.endswith(".") else prefix + "."
+        self._values = stats._values
+        self._keys: dict[str, str] = {}
+
+    def _key(self, name: str) -> str:
+        k = self._keys.get(name)
+        if k is None:
+            k = self._keys[name] = self.prefix + name
+        return k
+
+    def inc(self, name: str, n: int = 1) -> None:
+        self._values[self._key(name)] += n
+
+    def add(self, name: str, n: int) -> None:  # gauges: +n / -n
+        self._values[self._key(name)] += n
+
+    def get(self, name: str) -> int:
+        return self._values.get(self._key(name), 0)
+
+
+def status_class(status: int) -> str:
+    return ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")[min(status // 100, 5)]
+
+
+__all__ = ["Scope", "Stats", "status_class"]
