@@ -41,6 +41,8 @@ MAX_RESPONSE_BODY_BYTES = 16 << 20  # response bodies the client accepts
 MAX_HEADERS = 100
 IDLE_TIMEOUT = 75.0  # server: keep-alive connection without a new request
 READ_TIMEOUT = 30.0  # server: a started request head or body must arrive within this
+LINGER_SECONDS = 1.0  # server: after an error response, discard input this long ...
+LINGER_BYTES = 256 * 1024  # ... or this much, before closing
 CLIENT_IDLE_TIMEOUT = 30.0  # client: pooled connection lifetime while idle
 CLIENT_MAX_IDLE_PER_HOST = 16
 
@@ -408,10 +410,10 @@ class HTTPServer:
                 )
             except asyncio.IncompleteReadError as exc:
                 if exc.partial.strip():
-                    await self._reject(writer, HTTPError(400, "incomplete request head"))
+                    await self._reject(reader, writer, HTTPError(400, "incomplete request head"))
                 return
             except asyncio.LimitOverrunError:
-                await self._reject(writer, HTTPError(431))
+                await self._reject(reader, writer, HTTPError(431))
                 return
             first = False
             head = head.lstrip(b"\r\n")
@@ -419,7 +421,7 @@ class HTTPServer:
                 req = _parse_request_head(head[:-4], peer)
                 req.body = await asyncio.wait_for(self._read_body(req, reader, writer), READ_TIMEOUT)
             except HTTPError as exc:
-                await self._reject(writer, exc)
+                await self._reject(reader, writer, exc)
                 return
             conn_tokens = req.headers.tokens("connection")
             if req.version == "HTTP/1.1":
@@ -474,12 +476,28 @@ class HTTPServer:
         except asyncio.IncompleteReadError as exc:
             raise HTTPError(400, "incomplete body") from exc
 
-    async def _reject(self, writer: asyncio.StreamWriter, exc: HTTPError) -> None:
+    async def _reject(self, reader: asyncio.StreamReader | None, writer: asyncio.StreamWriter,
+                      exc: HTTPError) -> None:
         body = f"{exc}\n".encode()
         writer.write(_serialize_response(
             Response(exc.status, body, [("Content-Type", "text/plain")]), False, "HTTP/1.1", False))
         with contextlib.suppress(Exception):
             await writer.drain()
+            if reader is not None and writer.can_write_eof():
+                # Lingering close: half-close, then discard what the client still sends for a
+                # moment, so that closing with unread input (→ RST) does not destroy the
+                # error response before the client has read it.
+                writer.write_eof()
+                await asyncio.wait_for(_discard(reader, LINGER_BYTES), LINGER_SECONDS)
+
+
+async def _discard(reader: asyncio.StreamReader, limit: int) -> None:
+    total = 0
+    while total < limit:
+        chunk = await reader.read(65536)
+        if not chunk:
+            return
+        total += len(chunk)
 
 
 def _peer_text(peer: Any) -> str:
