@@ -26,11 +26,12 @@ log = logging.getLogger(__name__)
 
 class ProxyCore:
     def __init__(self, stats: Stats | None = None, *, reuse_port: bool = True,
-                 mark: int | None = None) -> None:
+                 mark: int | None = None, bind: bool = True) -> None:
         self.stats = stats or Stats()
         self.manager = RuntimeManager(self.stats)
         self.listeners = ListenerManager(self)
-        self.manager.subscribe(self.listeners.apply)
+        if bind:  # False in a --concurrency parent: its workers own the sockets
+            self.manager.subscribe(self.listeners.apply)
         self.reuse_port = reuse_port
         self.mark = mark
         self.connections: set[Any] = set()
