@@ -1,0 +1,475 @@
+"""The local cluster's background process (``python -m isthmus.runtime.daemon``).
+
+``isthmus up`` starts it in a new session and reads its progress from a pipe; it:
+
+1. takes the state dir's lock (a second ``up`` of the same cluster is refused), cleans
+   leftovers of a crashed run (``network.teardown`` from the ledger);
+2. loads and plans the manifests (``plan.build_plan``), reporting every diagnostic;
+3. builds the node and pod namespaces (``network``), writes the control plane's config
+   (``config/``: the mesh resources, Services with their ClusterIPs, one Pod per planned
+   pod with its IP and readiness, rewritten as readiness changes) and starts the control
+   plane inside the node namespace (``isthmus controlplane``, xDS on <gateway>:15010);
+4. starts every container (``supervisor``) and the host-loopback forwarders
+   (``--ingress-port`` -> ingress gateway; control plane HTTP API -> 127.0.0.1:15014 so
+   ``isthmus apply -f`` finds it);
+5. reports ``ready`` once every pod is ready or has settled in failure (an image it
+   cannot run, or CrashLoopBackOff after a few restarts), then runs until SIGTERM/SIGINT,
+   keeping ``state.json`` current;
+6. on SIGTERM stops containers (SIGTERM, then SIGKILL after the grace period), removes
+   the namespaces and the state dir.
+
+Progress lines on the pipe are JSON: ``{"event": "progress"|"diagnostic"|"ready"|
+"failed", ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from isthmus.api.parse import load_paths
+from isthmus.core.errors import IsthmusError, Severity
+from isthmus.runtime import network
+from isthmus.runtime.forward import Forwarder
+from isthmus.runtime.images import PROJECT_ROOT
+from isthmus.runtime.inject import IstioSidecarInjector, proxy_available
+from isthmus.runtime.plan import ClusterPlan, ContainerPlan, PlanOptions, PodPlan, ReadinessCheck, build_plan
+from isthmus.runtime.state import StateDir
+from isthmus.runtime.supervisor import Backoff, ContainerRunner, base_env
+
+log = logging.getLogger("isthmus.runtime")
+
+XDS_PORT = 15010
+CP_HTTP_PORT = 15014
+SETTLED_RESTARTS = 3  # a pod crashing this often counts as settled (failed) for `up`
+
+
+@dataclass
+class DaemonOptions:
+    manifests: list[Path]
+    cluster: str
+    state: StateDir
+    ingress_port: int | None = None
+    api_port: int = CP_HTTP_PORT  # host 127.0.0.1 port for the control plane API; 0: off
+    sidecars: str = "auto"  # auto | on | off
+    controlplane: bool = True
+    ready_fd: int | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class Daemon:
+    def __init__(self, opts: DaemonOptions) -> None:
+        self.opts = opts
+        self.state = opts.state
+        self.plan: ClusterPlan | None = None
+        self.runners: dict[str, list[ContainerRunner]] = {}
+        self.cp_runner: ContainerRunner | None = None
+        self.forwarders: list[Forwarder] = []
+        self.forward_info: list[dict[str, Any]] = []
+        self.diagnostics: list[str] = []
+        self.phase = "Starting"
+        self.started = time.time()
+        self.stop_event = asyncio.Event()
+        self._changed = asyncio.Event()  # for _wait_settled
+        self._dirty = asyncio.Event()  # for _state_writer
+        self._pods_written: str = ""
+        self.sidecars = False
+
+    # ------------------------------------------------------------------ reporting
+
+    def report(self, event: str, **data: Any) -> None:
+        line = json.dumps({"event": event, **data})
+        log.info("%s", line)
+        if self.opts.ready_fd is None:
+            return
+        try:
+            os.write(self.opts.ready_fd, (line + "\n").encode())
+        except OSError:  # the `up` that started us is gone: keep running
+            with contextlib.suppress(OSError):
+                os.close(self.opts.ready_fd)
+            self.opts.ready_fd = None
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._dirty.set()
+
+    # ------------------------------------------------------------------ main
+
+    async def run(self) -> int:
+        lock = self.state.try_lock()
+        if lock is None:
+            self.report("failed", message=self._already_running_message())
+            return 3
+        self.state.pid_file.write_text(f"{os.getpid()}\n")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        code = 0
+        try:
+            removed = network.teardown(self.state.path)
+            if removed:
+                self.report("progress", message=f"cleaned leftovers of a crashed run: "
+                                                f"{', '.join(removed)}")
+            await self._start()
+            writer = loop.create_task(self._state_writer())
+            await self._wait_settled()
+            await self.stop_event.wait()
+            writer.cancel()
+        except (IsthmusError, OSError) as exc:
+            self.report("failed", message=str(exc))
+            code = 1
+        except Exception as exc:  # noqa: BLE001 - report, then clean up
+            log.exception("daemon failed")
+            self.report("failed", message=f"{type(exc).__name__}: {exc}")
+            code = 1
+        finally:
+            self.phase = "Stopping"
+            with contextlib.suppress(Exception):
+                self._write_state()
+            await self._shutdown()
+            if code == 0:
+                self.state.remove()
+            else:  # keep daemon.log for the user; `down` or the next `up` removes it
+                for p in self.state.path.iterdir() if self.state.exists() else ():
+                    if p.name not in ("daemon.log", "lock") and p.is_file():
+                        p.unlink(missing_ok=True)
+            os.close(lock)
+        return code
+
+    def _already_running_message(self) -> str:
+        st = self.state.read() or {}
+        where = f" from {', '.join(st.get('manifests', []))}" if st.get("manifests") else ""
+        return (f"a local cluster {self.opts.cluster!r} is already running (pid "
+                f"{self.state.pid() or '?'}{where}); run `isthmus down` first "
+                f"(state in {self.state.path})")
+
+    async def _start(self) -> None:
+        result = load_paths(self.opts.manifests)
+        for d in result.diagnostics:
+            self._diag(str(d), d.severity is Severity.ERROR)
+        want_sidecars = self.opts.sidecars == "on" or (
+            self.opts.sidecars == "auto" and proxy_available())
+        plan = build_plan(result.resources, PlanOptions(cluster=self.opts.cluster,
+                                                        inject=want_sidecars, xds_port=XDS_PORT))
+        for d in plan.diagnostics:
+            self._diag(str(d), d.severity is Severity.ERROR)
+        asked = [p.key for p in plan.pods if p.injection.inject]
+        if asked and not want_sidecars:
+            why = ("--no-sidecars" if self.opts.sidecars == "off" else
+                   "the sidecar proxy (`isthmus proxy`) is not in this build")
+            self._diag(f"warning: {len(asked)} pods ask for a sidecar but sidecars are off "
+                       f"({why}); they run without one", False)
+        self.sidecars = want_sidecars
+        self.plan = plan
+        if not plan.pods:
+            self._diag("warning: the manifests define no pods (Deployments or Pods)", False)
+
+        injector = IstioSidecarInjector(xds_port=XDS_PORT) if want_sidecars else None
+        net = network.NetworkManager(plan, self.state.path, injector=injector)
+        self.report("progress", message=f"node {plan.node_netns}: bridge {plan.bridge} "
+                                        f"{plan.gateway_ip}/{plan.prefix_len}")
+        await asyncio.to_thread(net.setup_node)
+        for pod in plan.pods:
+            await asyncio.to_thread(net.setup_pod, pod)
+        self.report("progress", message=f"{len(plan.pods)} pod sandboxes, "
+                                        f"{len(plan.services)} services")
+        self._write_config()
+
+        env = base_env(str(PROJECT_ROOT))
+        cwd = str(self.opts.manifests[0] if self.opts.manifests[0].is_dir()
+                  else self.opts.manifests[0].parent)
+        if self.opts.controlplane:
+            self.cp_runner = ContainerRunner(
+                "isthmus-system/controlplane", plan.node_netns, self._cp_container(plan),
+                self.state.logs / "isthmus-system_controlplane.log", cwd, env,
+                backoff=self.opts.backoff, on_change=self.changed)
+            self.cp_runner.start()
+        for pod in plan.pods:
+            runners = []
+            for c in pod.containers:
+                r = ContainerRunner(pod.key, pod.netns, c,
+                                    self.state.logs / f"{pod.namespace}_{pod.name}_{c.name}.log",
+                                    cwd, env, backoff=self.opts.backoff, on_change=self.changed,
+                                    grace=min(5.0, 30.0))
+                runners.append(r)
+                r.start()
+            self.runners[pod.key] = runners
+        await self._start_forwards(plan)
+        self.phase = "Running"
+        self._write_state()
+
+    def _diag(self, message: str, error: bool) -> None:
+        self.diagnostics.append(message)
+        self.report("diagnostic", message=message, error=error)
+
+    def _cp_container(self, plan: ClusterPlan) -> ContainerPlan:
+        argv = (sys.executable, "-m", "isthmus", "controlplane",
+                "--config", str(self.state.config),
+                "--xds-host", "0.0.0.0", "--xds-port", str(XDS_PORT),
+                "--http-host", "0.0.0.0", "--http-port", str(CP_HTTP_PORT))
+        return ContainerPlan("controlplane", "isthmus/controlplane", argv,
+                             readiness=ReadinessCheck("http", port=CP_HTTP_PORT, path="/ready",
+                                                      period=2.0))
+
+    async def _start_forwards(self, plan: ClusterPlan) -> None:
+        if self.opts.controlplane and self.opts.api_port:
+            await self._forward("controlplane", (plan.gateway_ip, CP_HTTP_PORT), self.opts.api_port)
+        if self.opts.ingress_port:
+            target = ingress_target(plan)
+            if target is None:
+                self._diag("warning: --ingress-port: no ingress gateway in the manifests (a "
+                           "Service named istio-ingressgateway, or pods labelled "
+                           "istio=ingressgateway); nothing is forwarded", False)
+            else:
+                await self._forward("ingress", target, self.opts.ingress_port)
+
+    async def _forward(self, name: str, target: tuple[str, int], port: int) -> None:
+        assert self.plan is not None
+        fwd = Forwarder(self.plan.node_netns, target, port)
+        try:
+            await fwd.start()
+        except OSError as exc:
+            self._diag(f"warning: cannot listen on 127.0.0.1:{port} for {name} "
+                       f"({exc.strerror or exc}): is another program using it? "
+                       f"{name} is not forwarded", False)
+            return
+        self.forwarders.append(fwd)
+        self.forward_info.append({"name": name, "listen": f"127.0.0.1:{fwd.listen_port}",
+                                  "target": f"{target[0]}:{target[1]}"})
+        self.report("progress", message=f"forwarding 127.0.0.1:{fwd.listen_port} -> "
+                                        f"{target[0]}:{target[1]} ({name})")
+
+    # ------------------------------------------------------------------ waiting
+
+    def pod_settled(self, key: str) -> tuple[bool, bool]:
+        """(settled, ready) of a pod for `up`'s purposes."""
+        runners = self.runners.get(key, [])
+        if runners and all(r.status.ready for r in runners):
+            return True, True
+        for r in runners:
+            st = r.status
+            if r.container.error or st.state == "Terminated" or st.restarts >= SETTLED_RESTARTS:
+                return True, False
+        return False, False
+
+    async def _wait_settled(self) -> None:
+        while not self.stop_event.is_set():
+            states = {k: self.pod_settled(k) for k in self.runners}
+            if all(s for s, _ in states.values()):
+                failed = [k for k, (_, ok) in states.items() if not ok]
+                self._write_state()
+                self.report("ready", pods=len(states), failed=failed,
+                            forwards=self.forward_info, state=str(self.state.path))
+                return
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 1.0)
+
+    # ------------------------------------------------------------------ state
+
+    async def _state_writer(self) -> None:
+        while True:
+            self._dirty.clear()
+            self._write_state()
+            self._write_pods_config()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), 5.0)
+            await asyncio.sleep(0.05)  # coalesce bursts of changes
+
+    def _write_state(self) -> None:
+        if self.state.exists():
+            self.state.write(self.snapshot())
+
+    def snapshot(self) -> dict[str, Any]:
+        plan = self.plan
+        pods = []
+        if plan is not None:
+            for pod in plan.pods:
+                containers = [r.status.to_json() for r in self.runners.get(pod.key, [])]
+                pods.append(pod_json(pod, containers))
+        cp = self.cp_runner.status.to_json() if self.cp_runner else None
+        api = next((f["listen"] for f in self.forward_info if f["name"] == "controlplane"), "")
+        return {
+            "version": 1,
+            "cluster": self.opts.cluster,
+            "pid": os.getpid(),
+            "phase": self.phase,
+            "started": self.started,
+            "manifests": [str(p) for p in self.opts.manifests],
+            "node": {"netns": plan.node_netns, "bridge": plan.bridge,
+                     "gateway": plan.gateway_ip} if plan else None,
+            "sidecars": self.sidecars,
+            "controlplane": {"status": cp, "xds": f"{plan.gateway_ip}:{XDS_PORT}" if plan else "",
+                             "api": f"http://{api}" if api else ""},
+            "forwards": self.forward_info,
+            "pods": pods,
+            "services": [
+                {"namespace": s.namespace, "name": s.name, "clusterIP": s.cluster_ip or "None",
+                 "ports": [{"name": p.name, "port": p.port, "protocol": p.protocol,
+                            "targetPort": p.target_port,
+                            "endpoints": [f"{e.ip}:{e.port}" for e in p.endpoints]}
+                           for p in s.ports]}
+                for s in (plan.services if plan else ())
+            ],
+            "diagnostics": self.diagnostics,
+        }
+
+    def _write_config(self) -> None:
+        plan = self.plan
+        assert plan is not None
+        cfg = self.state.config
+        cfg.mkdir(parents=True, exist_ok=True)
+        docs = []
+        for res in plan.mesh_resources:
+            if res.raw is not None:
+                docs.append(_plain(res.raw))
+        for ns in plan.namespaces:
+            docs.append({"apiVersion": "v1", "kind": "Namespace",
+                         "metadata": {"name": ns, "labels": dict(plan.namespace_labels.get(ns, {}))}})
+        for svc in plan.services:
+            docs.append({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": svc.name, "namespace": svc.namespace},
+                "spec": {"clusterIP": svc.cluster_ip or "None", "selector": dict(svc.selector),
+                         "ports": [{"name": p.name, "port": p.port, "protocol": p.protocol,
+                                    "targetPort": p.target_port} for p in svc.ports]},
+            })
+        (cfg / "10-cluster.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        self._write_pods_config()
+
+    def _write_pods_config(self) -> None:
+        plan = self.plan
+        if plan is None or not self.state.config.is_dir():
+            return
+        docs = []
+        for pod in plan.pods:
+            ready = bool(self.runners.get(pod.key)) and all(
+                r.status.ready for r in self.runners[pod.key])
+            docs.append(pod_manifest(pod, ready))
+        text = yaml.safe_dump_all(docs, sort_keys=False)
+        if text != self._pods_written:
+            tmp = self.state.config / ".20-pods.tmp"
+            tmp.write_text(text)
+            tmp.replace(self.state.config / "20-pods.yaml")
+            self._pods_written = text
+
+    # ------------------------------------------------------------------ stopping
+
+    async def _shutdown(self) -> None:
+        for fwd in self.forwarders:
+            await fwd.stop()
+        runners = [r for rs in self.runners.values() for r in rs]
+        await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
+        if self.cp_runner is not None:
+            await self.cp_runner.stop()
+        await asyncio.to_thread(network.teardown, self.state.path)
+
+
+def ingress_target(plan: ClusterPlan) -> tuple[str, int] | None:
+    """Where --ingress-port goes: Service istio-ingressgateway port 80 (or its first
+    port) -> an endpoint; else a pod labelled istio=ingressgateway, port 8080."""
+    svcs = sorted((s for s in plan.services if s.name == "istio-ingressgateway"),
+                  key=lambda s: s.namespace != "istio-system")
+    for svc in svcs:
+        ports = sorted(svc.ports, key=lambda p: p.port != 80)
+        for p in ports:
+            if p.endpoints:
+                return p.endpoints[0].ip, p.endpoints[0].port
+    for pod in plan.pods:
+        if pod.labels.get("istio") == "ingressgateway":
+            ports = [p.port for c in pod.containers for p in c.ports]
+            return pod.ip, 8080 if 8080 in ports or not ports else ports[0]
+    return None
+
+
+def pod_json(pod: PodPlan, containers: list[dict[str, Any]]) -> dict[str, Any]:
+    ready = sum(1 for c in containers if c["ready"])
+    return {
+        "namespace": pod.namespace, "name": pod.name, "ip": pod.ip, "netns": pod.netns,
+        "owner": pod.owner, "labels": dict(pod.labels), "sidecar": pod.sidecar,
+        "injection": pod.injection.reason, "inject": pod.injection.inject,
+        "ready": bool(containers) and ready == len(containers),
+        "readyCount": f"{ready}/{len(containers)}",
+        "status": pod_phase(containers),
+        "restarts": sum(c["restarts"] for c in containers),
+        "containers": containers,
+    }
+
+
+def pod_phase(containers: list[dict[str, Any]]) -> str:
+    """kubectl's STATUS column: the first container's problem, else Running."""
+    for c in containers:
+        if c["state"] == "Waiting" and c["reason"] not in ("", "ContainerCreating"):
+            return c["reason"]
+    for c in containers:
+        if c["state"] == "Terminated":
+            return c["reason"] or "Terminated"
+    if any(c["state"] == "Waiting" for c in containers):
+        return "ContainerCreating"
+    return "Running"
+
+
+def pod_manifest(pod: PodPlan, ready: bool) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": dict(pod.labels),
+                     "annotations": dict(pod.annotations)},
+        "spec": {"serviceAccountName": pod.service_account,
+                 "containers": [{"name": c.name, "image": c.image or "local",
+                                 "ports": [{"name": p.name, "containerPort": p.port,
+                                            "protocol": p.protocol} if p.name else
+                                           {"containerPort": p.port, "protocol": p.protocol}
+                                           for p in c.ports]}
+                                for c in pod.containers]},
+        "status": {"phase": "Running", "podIP": pod.ip,
+                   "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="isthmus-runtime-daemon")
+    ap.add_argument("--state-dir", required=True)
+    ap.add_argument("--cluster", required=True)
+    ap.add_argument("--manifests", action="append", required=True)
+    ap.add_argument("--ingress-port", type=int, default=0)
+    ap.add_argument("--api-port", type=int, default=CP_HTTP_PORT)
+    ap.add_argument("--sidecars", choices=("auto", "on", "off"), default="auto")
+    ap.add_argument("--no-controlplane", action="store_true")
+    ap.add_argument("--ready-fd", type=int)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opts = DaemonOptions(
+        manifests=[Path(m).resolve() for m in args.manifests], cluster=args.cluster,
+        state=StateDir(Path(args.state_dir)), ingress_port=args.ingress_port or None,
+        api_port=args.api_port, sidecars=args.sidecars, controlplane=not args.no_controlplane,
+        ready_fd=args.ready_fd)
+
+    async def go() -> int:
+        return await Daemon(opts).run()
+
+    return asyncio.run(go())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

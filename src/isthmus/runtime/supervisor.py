@@ -1,0 +1,270 @@
+"""Containers as supervised processes: start in the pod's namespace, restart, probe, log.
+
+``ContainerRunner`` runs one ``ContainerPlan`` with ``ip netns exec <pod-netns>`` (which
+also bind-mounts the pod's /etc/hosts and resolv.conf, see ``dns``), as the container's
+UID/GID through ``setpriv`` when set, in a new session (so stopping it stops its
+children). Output goes to ``<logs>/<ns>_<pod>_<container>.log``; on restart the previous
+log is kept as ``.previous.log`` (``isthmus logs --previous``).
+
+Restarts follow ``restartPolicy`` (Always / OnFailure / Never) with exponential backoff
+(``Backoff``: 0.5 s doubling to 30 s by default, reset after 10 s of good running; a
+real kubelet uses 10 s to 5 min), and the waiting state reads ``CrashLoopBackOff`` like
+kubectl's. Readiness comes from the readinessProbe, executed inside the pod's network
+namespace (``netnsutil.socket_in_netns``): httpGet / tcpSocket to 127.0.0.1 (the probe
+sits in the pod, like Istio's rewritten probes, so capture leaves it alone) unless the
+probe names a host, exec via ``ip netns exec``; without a probe, a container is ready
+once it has been running for 1 s.
+
+Every change calls ``on_change`` so the daemon can rewrite the state file.
+
+Neighbours: ``plan`` (what to run), ``netnsutil``, ``daemon`` (owns the runners).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from isthmus.runtime.netnsutil import socket_in_netns
+from isthmus.runtime.plan import ContainerPlan, ReadinessCheck
+
+log = logging.getLogger(__name__)
+
+RUNNING_READY_AFTER = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    initial: float = 0.5
+    factor: float = 2.0
+    maximum: float = 30.0
+    reset_after: float = 10.0
+
+    def delay(self, failures: int) -> float:
+        """Wait before restart number ``failures`` (1-based)."""
+        return min(self.maximum, self.initial * self.factor ** max(0, failures - 1))
+
+
+@dataclass
+class ContainerStatus:
+    name: str
+    state: str = "Waiting"  # Waiting | Running | Terminated
+    reason: str = "ContainerCreating"
+    message: str = ""
+    restarts: int = 0
+    ready: bool = False
+    pid: int | None = None
+    exit_code: int | None = None  # of the last termination (kubectl's lastState)
+    started_at: float | None = None
+    sidecar: bool = False
+    log: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def exec_prefix(netns: str, user: int | None, group: int | None) -> list[str]:
+    """argv prefix that runs a command in ``netns`` as ``user``/``group``."""
+    argv = ["ip", "netns", "exec", netns]
+    if user is not None or group is not None:
+        argv += ["setpriv", "--reuid", str(user if user is not None else 0),
+                 "--regid", str(group if group is not None else 0), "--clear-groups", "--"]
+    return argv
+
+
+def base_env(extra_pythonpath: str = "") -> dict[str, str]:
+    keep = ("PATH", "LANG", "LC_ALL", "TZ", "PYENV_ROOT", "PYENV_VERSION", "VIRTUAL_ENV")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env["PYTHONUNBUFFERED"] = "1"
+    paths = [p for p in (extra_pythonpath, os.environ.get("PYTHONPATH", "")) if p]
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+@dataclass
+class ContainerRunner:
+    pod_key: str
+    netns: str
+    container: ContainerPlan
+    log_path: Path
+    cwd: str
+    env: Mapping[str, str]
+    backoff: Backoff = field(default_factory=Backoff)
+    on_change: Callable[[], None] = lambda: None
+    grace: float = 5.0
+    status: ContainerStatus = field(init=False)
+    _proc: asyncio.subprocess.Process | None = field(default=None, init=False)
+    _stopping: bool = field(default=False, init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+
+    def __post_init__(self) -> None:
+        self.status = ContainerStatus(self.container.name, sidecar=self.container.sidecar,
+                                      log=str(self.log_path))
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                            name=f"container {self.pod_key}")
+
+    def _set(self, **changes: Any) -> None:
+        for k, v in changes.items():
+            setattr(self.status, k, v)
+        self.on_change()
+
+    async def _run(self) -> None:
+        c = self.container
+        if c.error:
+            self._set(state="Waiting", reason="ImageNotMapped" if "image" in c.error
+                      else "CreateContainerConfigError", message=c.error)
+            return
+        failures = 0
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                code = await self._run_once()
+            except OSError as exc:
+                code = -1
+                self._set(state="Waiting", reason="StartError", message=str(exc), pid=None)
+            if self._stopping:
+                break
+            ran = time.monotonic() - started
+            failures = 1 if ran >= self.backoff.reset_after else failures + 1
+            policy = c.restart_policy
+            if policy == "Never" or (policy == "OnFailure" and code == 0):
+                self._set(state="Terminated", reason="Completed" if code == 0 else "Error",
+                          exit_code=code, ready=False, pid=None)
+                return
+            delay = self.backoff.delay(failures)
+            self._set(state="Waiting", reason="CrashLoopBackOff", ready=False, pid=None,
+                      exit_code=code,
+                      message=f"back-off {delay:.1f}s restarting failed container "
+                              f"(exit code {code})")
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            if not self._stopping:
+                self.status.restarts += 1
+
+    async def _run_once(self) -> int:
+        c = self.container
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.log_path.exists() and self.log_path.stat().st_size:
+            self.log_path.replace(self.log_path.with_suffix(".previous.log"))
+        argv = exec_prefix(self.netns, c.run_as_user, c.run_as_group) + list(c.argv)
+        env = dict(self.env)
+        env.update(c.env)
+        cwd = c.working_dir if c.working_dir and os.path.isdir(c.working_dir) else self.cwd
+        with self.log_path.open("ab") as out:
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, cwd=cwd,
+                env=env, start_new_session=True)
+        self._set(state="Running", reason="", message="", pid=self._proc.pid,
+                  started_at=time.time(), ready=False)
+        probe = asyncio.get_running_loop().create_task(self._probe_loop(c.readiness))
+        try:
+            code = await self._proc.wait()
+        finally:
+            probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
+        self._proc = None
+        return code
+
+    # ------------------------------------------------------------------ readiness
+
+    async def _probe_loop(self, check: ReadinessCheck) -> None:
+        if check.kind == "running":
+            await asyncio.sleep(RUNNING_READY_AFTER)
+            self._set(ready=True)
+            return
+        await asyncio.sleep(check.initial_delay)
+        ok_run = fail_run = 0
+        while True:
+            ok = await self.probe_once(check)
+            if ok:
+                ok_run, fail_run = ok_run + 1, 0
+                if not self.status.ready and ok_run >= check.success_threshold:
+                    self._set(ready=True)
+            else:
+                ok_run, fail_run = 0, fail_run + 1
+                if self.status.ready and fail_run >= check.failure_threshold:
+                    self._set(ready=False)
+            # Probe quickly until first ready (start-up), then at the probe's period.
+            await asyncio.sleep(check.period if self.status.ready else min(check.period, 0.2))
+
+    async def probe_once(self, check: ReadinessCheck) -> bool:
+        try:
+            if check.kind == "exec":
+                proc = await asyncio.create_subprocess_exec(
+                    *exec_prefix(self.netns, None, None), *check.command,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+                try:
+                    return await asyncio.wait_for(proc.wait(), check.timeout) == 0
+                except asyncio.TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    return False
+            return await asyncio.wait_for(_net_probe(self.netns, check), check.timeout)
+        except (OSError, asyncio.TimeoutError, ValueError):
+            return False
+
+    # ------------------------------------------------------------------ stopping
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self.grace)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self._task, 2.0)
+        self.status.state, self.status.reason, self.status.ready = "Terminated", "Stopped", False
+
+
+async def _net_probe(netns: str, check: ReadinessCheck) -> bool:
+    loop = asyncio.get_running_loop()
+    sock = await loop.run_in_executor(None, socket_in_netns, netns)
+    sock.setblocking(False)
+    host = check.host or "127.0.0.1"
+    try:
+        await loop.sock_connect(sock, (host, check.port))
+        if check.kind == "tcp":
+            return True
+        reader, writer = await asyncio.open_connection(sock=sock)
+        headers = "".join(f"{k}: {v}\r\n" for k, v in check.headers)
+        if not any(k.lower() == "host" for k, _ in check.headers):
+            headers += f"Host: {host}:{check.port}\r\n"
+        writer.write(f"GET {check.path} HTTP/1.0\r\n{headers}User-Agent: isthmus-probe\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        await writer.drain()
+        line = await reader.readline()
+        writer.close()
+        parts = line.split()
+        return len(parts) >= 2 and parts[1].isdigit() and 200 <= int(parts[1]) < 400
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+def socket_family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
