@@ -21,8 +21,16 @@ class BodyReset(Exception):
 
 
 class BodyChannel:
-    __slots__ = ("_chunks", "_size", "_waiter", "ended", "reset", "trailers", "on_drained",
-                 "consumed")
+    __slots__ = (
+        "_chunks",
+        "_size",
+        "_waiter",
+        "consumed",
+        "ended",
+        "on_drained",
+        "reset",
+        "trailers",
+    )
 
     def __init__(self, on_drained: Callable[[], None] | None = None) -> None:
         self._chunks: deque[bytes] = deque()

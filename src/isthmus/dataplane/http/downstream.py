@@ -50,8 +50,17 @@ class ConnContext:
 class DownstreamStream:
     """One request/response exchange on a downstream connection."""
 
-    __slots__ = ("body", "conn", "head", "response_started", "sid", "task", "upgrade",
-                 "done", "flags")
+    __slots__ = (
+        "body",
+        "conn",
+        "done",
+        "flags",
+        "head",
+        "response_started",
+        "sid",
+        "task",
+        "upgrade",
+    )
 
     def __init__(self, conn: Http1Downstream, head: RequestHeaders) -> None:
         self.conn = conn

@@ -135,7 +135,7 @@ def shadow_host(host: str) -> str:
 
 
 class _RetryBuffer:
-    __slots__ = ("chunks", "size", "overflow", "done", "trailers")
+    __slots__ = ("chunks", "done", "overflow", "size", "trailers")
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
@@ -446,7 +446,7 @@ def proxy_spawn(ctx: Any, coro: Any) -> asyncio.Task[Any]:
 
 async def _tunnel(st: Any, conn: Http1Upstream) -> None:
     """After a 101: bytes both ways until both sides end."""
-    sid_up = conn.codec._stream.stream_id if conn.codec._stream is not None else 1  # noqa: SLF001
+    sid_up = conn.codec._stream.stream_id if conn.codec._stream is not None else 1
 
     async def down_to_up() -> None:
         body = st.body
@@ -517,7 +517,7 @@ async def _shadow(cluster: Any, method: bytes, path: bytes, host: bytes,
                     return
         pool.release(conn, reusable=True)
         conn = None
-    except Exception:  # noqa: BLE001 - shadows never affect the primary request
+    except Exception:
         log.debug("shadow request to %s failed", cluster.name, exc_info=True)
     finally:
         if conn is not None:

@@ -32,13 +32,17 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from isthmus.dataplane.envoy.filter_chain import ConnectionInfo
 from isthmus.dataplane.envoy.circuit_breakers import Resource
+from isthmus.dataplane.envoy.filter_chain import ConnectionInfo
 from isthmus.dataplane.envoy.outlier import LocalOrigin
 from isthmus.dataplane.io.relay import relay
-from isthmus.dataplane.io.sockopts import NoOriginalDestination, recover_original_dst, set_transparent
+from isthmus.dataplane.io.sockopts import (
+    NoOriginalDestination,
+    recover_original_dst,
+    set_transparent,
+)
 from isthmus.dataplane.io.upstream import UpstreamConnectError, connect
-from isthmus.dataplane.proxy.config import CompiledListener, FilterChain, TcpProxyConfig
+from isthmus.dataplane.proxy.config import CompiledListener, TcpProxyConfig
 from isthmus.dataplane.sansio import detect
 
 log = logging.getLogger(__name__)

@@ -35,6 +35,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from isthmus.dataplane.envoy._proto import Ctx, duration_s, join, opt_duration_s, wrapped
 from isthmus.dataplane.envoy.circuit_breakers import CircuitBreakers, Thresholds
+from isthmus.dataplane.envoy.errors import ConfigRejected
 from isthmus.dataplane.envoy.filter_chain import FilterChainMatcher
 from isthmus.dataplane.envoy.lb import LbConfig
 from isthmus.dataplane.envoy.outlier import OutlierConfig
@@ -234,7 +235,7 @@ def _hcm(ctx: Ctx, h: Any, path: str) -> HcmConfig:
     elif spec == "route_config":
         try:
             table = RouteTable.from_proto(h.route_config)
-        except Exception as exc:  # ConfigRejected of the inline route: name our listener
+        except ConfigRejected as exc:  # the inline route's rejection, named under our listener
             ctx.reject(join(path, "route_config"), str(exc))
     else:
         ctx.reject(path, "HttpConnectionManager needs rds or route_config")
@@ -389,7 +390,7 @@ class ClusterConfig:
     hosts: tuple[HostSpec, ...] = ()  # inline load_assignment
     dns_names: tuple[tuple[str, int, int], ...] = ()  # (hostname, port, weight) for *_DNS
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
-    lb: LbConfig = LbConfig()
+    lb: LbConfig = field(default_factory=LbConfig)
     thresholds: tuple[Thresholds | None, Thresholds | None] = (None, None)
     outlier: OutlierConfig | None = None
     http2: bool = False
@@ -418,7 +419,6 @@ def _hosts(ctx: Ctx, cla: Any, path: str, allow_names: bool = False
     hosts: list[HostSpec] = []
     names: list[tuple[str, int, int]] = []
     for i, loc in enumerate(cla.endpoints):
-        lw = loc.load_balancing_weight.value if loc.HasField("load_balancing_weight") else 0
         for j, lbe in enumerate(loc.lb_endpoints):
             p = f"{path}endpoints[{i}].lb_endpoints[{j}]"
             if lbe.WhichOneof("host_identifier") != "endpoint":
@@ -429,7 +429,7 @@ def _hosts(ctx: Ctx, cla: Any, path: str, allow_names: bool = False
             sa = addr.socket_address
             weight = lbe.load_balancing_weight.value if lbe.HasField("load_balancing_weight") \
                 else 1
-            weight = max(1, weight) * (1 if not lw else 1)
+            weight = max(1, weight)  # locality weights: TODO (locality-weighted LB)
             healthy = lbe.health_status in _STATUS_HEALTHY or lbe.health_status == 5
             try:
                 ip = str(ipaddress.ip_address(sa.address))
