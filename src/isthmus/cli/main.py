@@ -23,6 +23,11 @@ COMMANDS: dict[str, str] = {
     "iptables": "isthmus.cli.iptables:iptables",
     "proxy": "isthmus.cli.proxy:proxy",
     "demo": "isthmus.cli.demo:demo",
+    "up": "isthmus.cli.runtime:up",
+    "down": "isthmus.cli.runtime:down",
+    "status": "isthmus.cli.runtime:status",
+    "exec": "isthmus.cli.runtime:exec_cmd",
+    "logs": "isthmus.cli.runtime:logs",
 }
 
 
