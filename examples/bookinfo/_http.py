@@ -108,9 +108,10 @@ class Headers:
     def items(self) -> list[tuple[str, str]]:
         return list(self._items)
 
-    def tokens(self, name: str) -> set[str]:
+    def tokens(self, name: str) -> frozenset[str]:
         """Comma-separated tokens of a list header, lower-cased (e.g. Connection)."""
-        return {t.strip().lower() for v in self.get_all(name) for t in v.split(",") if t.strip()}
+        return frozenset(
+            t.strip().lower() for v in self.get_all(name) for t in v.split(",") if t.strip())
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and any(n == name.lower() for n, _ in self._items)
@@ -353,7 +354,7 @@ class HTTPServer:
         self.handler = handler
         self.name = name
         self.access_log = access_log
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> int:
@@ -389,7 +390,7 @@ class HTTPServer:
         peer = writer.get_extra_info("peername")
         try:
             await self._serve(reader, writer, peer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
             pass
@@ -457,7 +458,7 @@ class HTTPServer:
         if te:
             if length is not None:
                 raise bad("both Transfer-Encoding and Content-Length")
-            if req.headers.get("transfer-encoding", "").strip().lower() != "chunked":
+            if (req.headers.get("transfer-encoding") or "").strip().lower() != "chunked":
                 raise HTTPError(501, "unsupported Transfer-Encoding")
         elif not length:
             return b""
@@ -549,7 +550,7 @@ def service_url(hostname: str, domain: str, default_port: int = 9080) -> str:
 
 
 class _Conn:
-    __slots__ = ("reader", "writer", "idle_since")
+    __slots__ = ("idle_since", "reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader

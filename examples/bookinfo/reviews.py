@@ -39,8 +39,8 @@ log = logging.getLogger("bookinfo.reviews")
 
 REVIEWS = (
     ("Reviewer1", "An extremely entertaining play by Shakespeare. The slapstick humour is refreshing!"),
-    ("Reviewer2", "Absolutely fun and entertaining. The play lacks thematic depth when compared "
-                  "to other plays by Shakespeare."),
+    ("Reviewer2", ("Absolutely fun and entertaining. The play lacks thematic depth when compared "
+                   "to other plays by Shakespeare.")),
 )
 RATINGS_UNAVAILABLE = "Ratings service is currently unavailable"
 _INT32 = re.compile(r"[+-]?\d{1,10}")
