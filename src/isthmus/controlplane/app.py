@@ -122,10 +122,12 @@ class ControlPlane:
     @staticmethod
     def _class_key(mesh: MeshSnapshot, proxy: ProxyNode) -> tuple:
         """Everything translation reads about a proxy; equal keys → identical config."""
+        # Translation sees a proxy's IP and pod name only through the workload they
+        # resolve to, so the workload (not the IP) is what distinguishes configs.
         workload_key: Any = ()
         if proxy.type is ProxyType.SIDECAR and not proxy.is_proxyless_grpc:
             workload = mesh.workload_for_proxy(proxy)
-            workload_key = (proxy.ip_addresses, workload.name if workload else proxy.pod_name)
+            workload_key = (workload.namespace, workload.name) if workload else None
         return (
             proxy.type,
             proxy.namespace,

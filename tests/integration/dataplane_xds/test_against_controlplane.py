@@ -99,9 +99,11 @@ def test_client_syncs_nacks_and_resyncs_with_the_isthmus_ads_server(mode: str) -
             assert await client.wait_for(lambda: ip() == "10.1.0.3", 10)
             # The resync replaced the warming listener (route "9080b" never existed) with
             # the server's current one, which is active.
-            assert await client.wait_for(lambda: not st.warming(LDS), 10)
+            # (LDS may land after EDS on the new stream: wait for the subscription too.)
+            assert await client.wait_for(
+                lambda: not st.warming(LDS) and st.subscriptions(RDS) == {"9080"}, 10
+            )
             assert set(st.resources(LDS)) == {"0.0.0.0_9080"}
-            assert st.subscriptions(RDS) == {"9080"}
         finally:
             await client.stop()
             await server.stop(grace=None)

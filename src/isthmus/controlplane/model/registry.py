@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Generic, TypeVar
 
 from isthmus.api.meta import Resource
 from isthmus.controlplane.model.hosts import labels_match, parse_export_to_annotation, selector_labels
@@ -49,6 +49,8 @@ from isthmus.controlplane.model.types import (
     Workload,
 )
 from isthmus.core.names import service_fqdn
+
+_T = TypeVar("_T")
 
 ANNOTATION_POD_IP = "isthmus.io/pod-ip"
 ANNOTATION_POD_IPS = "isthmus.io/pod-ips"
@@ -428,6 +430,31 @@ _ROUTING_KINDS = {
 }
 
 
+class _LabelIndex(Generic[_T]):
+    """Items by namespace and by each ``key=value`` label, so selecting by a selector
+    costs the smallest matching bucket instead of a scan of the namespace (1,000
+    Services over 2,000 Pods is 2 million label comparisons as a scan)."""
+
+    def __init__(self, items: Iterable[_T], namespace_of: Callable[[_T], str],
+                 labels_of: Callable[[_T], Mapping[str, str]]) -> None:
+        self._labels_of = labels_of
+        self._by_ns: dict[str, list[_T]] = defaultdict(list)
+        self._by_label: dict[tuple[str, str, str], list[_T]] = defaultdict(list)
+        for item in items:
+            ns = namespace_of(item)
+            self._by_ns[ns].append(item)
+            for k, v in labels_of(item).items():
+                self._by_label[(ns, k, v)].append(item)
+
+    def select(self, namespace: str, selector: Mapping[str, str]) -> list[_T]:
+        """Items in ``namespace`` matching every label of ``selector`` (empty → all), in order."""
+        if not selector:
+            return list(self._by_ns.get(namespace, ()))
+        buckets = [self._by_label.get((namespace, k, v), ()) for k, v in selector.items()]
+        smallest = min(buckets, key=len)
+        return [i for i in smallest if labels_match(selector, self._labels_of(i))]
+
+
 def build_snapshot(resources: Iterable[Resource], mesh: MeshConfig = MeshConfig(), version: str = "") -> MeshSnapshot:
     """Build the indexed, immutable mesh model from parsed resources (see module doc)."""
     all_res = list(resources)
@@ -448,14 +475,11 @@ def build_snapshot(resources: Iterable[Resource], mesh: MeshConfig = MeshConfig(
     # Workloads: pods, template pods, workload entries.
     workloads: list[Workload] = []
     pods = [w for w in (_pod_to_workload(r, mesh) for r in by_kind[("", "Pod")]) if w is not None]
-    all_pod_resources = by_kind[("", "Pod")]
+    pod_index = _LabelIndex(by_kind[("", "Pod")], lambda p: p.metadata.namespace, lambda p: p.metadata.labels)
     workloads += pods
     for d in by_kind[("apps", "Deployment")]:
         sel = _deployment_selector(d.spec)
-        has_pods = any(
-            p.metadata.namespace == d.metadata.namespace and sel and labels_match(sel, p.metadata.labels)
-            for p in all_pod_resources
-        )
+        has_pods = bool(sel) and bool(pod_index.select(d.metadata.namespace, sel))
         if not has_pods:
             workloads += _deployment_workloads(d, mesh)
     for we in by_kind[("networking.istio.io", "WorkloadEntry")]:
@@ -466,6 +490,7 @@ def build_snapshot(resources: Iterable[Resource], mesh: MeshConfig = MeshConfig(
     by_ns: dict[str, list[Workload]] = defaultdict(list)
     for w in workloads:
         by_ns[w.namespace].append(w)
+    workload_index = _LabelIndex(workloads, lambda w: w.namespace, lambda w: w.labels)
     by_ip: dict[str, Workload] = {}
     for w in workloads:
         if w.origin == "Pod":
@@ -500,9 +525,7 @@ def build_snapshot(resources: Iterable[Resource], mesh: MeshConfig = MeshConfig(
             continue
         if not svc.selector:
             continue
-        for w in by_ns.get(svc.namespace, ()):
-            if not labels_match(svc.selector, w.labels):
-                continue
+        for w in workload_index.select(svc.namespace, svc.selector):
             for sp in svc.ports:
                 port = _we_port(sp, w) if w.origin == "WorkloadEntry" else _pod_target_port(sp, w)
                 if port is None:

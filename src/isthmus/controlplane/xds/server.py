@@ -110,6 +110,11 @@ class _Eof:
 _EOF = _Eof()
 
 
+# In SotW, a response for these types need not repeat unchanged resources (leaving one
+# out does not remove it); LDS/CDS responses must always be complete.
+_INCREMENTAL_SOTW = frozenset({types.ENDPOINT, types.ROUTE})
+
+
 @dataclass(slots=True)
 class _TypeState:
     """Per stream and type: subscription, what was sent, and the response in flight."""
@@ -302,6 +307,7 @@ class _Stream:
         nonce = req.response_nonce
         st.pending_nonce = ""
         if req.HasField("error_detail"):
+            st.sent_view = None  # the proxy kept its old config: next response is complete
             msg = req.error_detail.message
             self.status.record_nack(st.info.url, st.last_version, nonce, msg, req.error_detail.code)
             log.warning(
@@ -371,6 +377,20 @@ class _SotwStream(_Stream):
             version = snap.version(url)
             if st.wildcard and st.sent_wildcard and not st.force and version == st.last_version:
                 st.evaluated, st.dirty = snap, False  # whole type, same hash: nothing new
+                continue
+            if (url in _INCREMENTAL_SOTW and not st.wildcard and not st.force
+                    and st.sent_view is not None and not st.sent_wildcard):
+                # EDS/RDS are incremental even in SotW (resources left out of a response
+                # are unchanged, per the xDS protocol): send only what changed, so one
+                # endpoint change costs one ClusterLoadAssignment, not all of them.
+                versions = snap.prepared(url).versions
+                current = {n: versions[n] for n in st.names if n in versions}
+                changed = frozenset(n for n, v in current.items() if st.sent_view.get(n) != v)
+                st.evaluated, st.dirty = snap, False
+                st.sent_view = current
+                if changed:
+                    body, _ = snap.sotw_body(url, changed)
+                    await self._send(st, body, version, len(changed))
                 continue
             body, view = snap.sotw_body(url, None if st.wildcard else st.names)
             st.evaluated, st.dirty = snap, False

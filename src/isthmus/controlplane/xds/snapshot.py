@@ -151,6 +151,7 @@ class XdsSnapshot:
     resources: Mapping[str, Mapping[str, Message]]
     _prepared: Mapping[str, PreparedType] = field(init=False, repr=False)
     _sotw_cache: dict[tuple[str, frozenset[str] | None], bytes] = field(init=False, repr=False)
+    _problems: list[list[str]] = field(init=False, repr=False)  # memo of consistent(), in a box
 
     def __post_init__(self) -> None:
         frozen: dict[str, Mapping[str, Message]] = {}
@@ -168,6 +169,7 @@ class XdsSnapshot:
         object.__setattr__(self, "resources", MappingProxyType(frozen))
         object.__setattr__(self, "_prepared", MappingProxyType(prepared))
         object.__setattr__(self, "_sotw_cache", {})
+        object.__setattr__(self, "_problems", [])
 
     @classmethod
     def from_resources(cls, resources: Mapping[str, Iterable[Message]]) -> XdsSnapshot:
@@ -245,6 +247,13 @@ class XdsSnapshot:
         HttpConnectionManager in a Listener must have a RouteConfiguration; every
         resource must be keyed by its own name.
         """
+        if self._problems:  # immutable: one check serves every node sharing the snapshot
+            return list(self._problems[0])
+        problems = self._check_consistency()
+        self._problems.append(problems)
+        return list(problems)
+
+    def _check_consistency(self) -> list[str]:
         problems: list[str] = []
         for type_url, by_name in self.resources.items():
             for key, msg in by_name.items():
