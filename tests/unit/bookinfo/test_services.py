@@ -380,3 +380,57 @@ def test_manifest_images_are_all_known(istio_samples: Path) -> None:
     assert len(refs) == 6
     for ref in refs:
         assert images.command_for_image(ref) is not None, ref
+
+
+# --------------------------------------------------------------------------- productpage retry
+
+
+def _with_backend(handler, fn):
+    async def main():
+        server = _http.HTTPServer(handler, access_log=False)
+        port = await server.start("127.0.0.1", 0)
+        try:
+            return await fn(port)
+        finally:
+            await server.close()
+    return asyncio.run(main())
+
+
+def test_productpage_tries_reviews_twice_on_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sample's two 3 s attempts (here shortened): a 7 s ratings delay behind reviews v2
+    makes the page give up on reviews after two attempts, with its error message."""
+    monkeypatch.setattr(productpage, "TIMEOUT", 0.2)
+    hits: list[str] = []
+
+    async def slow_reviews(req: _http.Request) -> _http.Response:
+        hits.append(req.headers.get("end-user") or "")
+        await asyncio.sleep(1.0)
+        return _http.Response.json("{}")
+
+    async def fn(port: int):
+        pp = productpage.ProductPage({"REVIEWS_HOSTNAME": f"127.0.0.1:{port}"})
+        req = _http.Request("GET", "/api/v1/products/0/reviews", "HTTP/1.1",
+                            _http.Headers([("cookie", "user=jason")]))
+        return await pp.handle(req)
+
+    resp = _with_backend(slow_reviews, fn)
+    assert resp.status == 500
+    assert json.loads(resp.body) == {"error": productpage.REVIEWS_ERROR}
+    assert hits == ["jason", "jason"]
+
+
+def test_productpage_passes_reviews_error_status() -> None:
+    hits: list[int] = []
+
+    async def failing_reviews(req: _http.Request) -> _http.Response:
+        hits.append(1)
+        return _http.Response.json('{"error": "fault filter abort"}', 503)
+
+    async def fn(port: int):
+        pp = productpage.ProductPage({"REVIEWS_HOSTNAME": f"127.0.0.1:{port}"})
+        req = _http.Request("GET", "/api/v1/products/0/reviews", "HTTP/1.1", _http.Headers())
+        return await pp.handle(req)
+
+    resp = _with_backend(failing_reviews, fn)
+    assert resp.status == 503 and len(hits) == 2
+    assert json.loads(resp.body) == {"error": productpage.REVIEWS_ERROR}
