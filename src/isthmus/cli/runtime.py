@@ -13,6 +13,7 @@ cluster; state lives in ``$ISTHMUS_RUN_DIR/<name>`` (default ``/run/isthmus``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -214,7 +215,7 @@ def down(timeout: float, cluster: str) -> None:
         return
     pid = state.pid()
     if state.running() and pid:
-        with _suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while state.running() and time.monotonic() < deadline:
@@ -222,22 +223,11 @@ def down(timeout: float, cluster: str) -> None:
         if state.running():
             click.echo(f"the runtime (pid {pid}) did not stop in {timeout:.0f}s; killing it",
                        err=True)
-            with _suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             time.sleep(0.2)
     _cleanup(state, quiet=True)
     click.echo(f"local cluster {cluster!r} removed")
-
-
-class _suppress:
-    def __init__(self, *exc: type[BaseException]) -> None:
-        self.exc = exc
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et: Any, ev: Any, tb: Any) -> bool:
-        return et is not None and issubclass(et, self.exc)
 
 
 def _cleanup(state: StateDir, quiet: bool) -> None:
@@ -293,7 +283,7 @@ def status(output: str, cluster: str) -> None:
         st = dict(st, sync=sync)
         click.echo(json.dumps(st, indent=1))
         return
-    rows = [("NAMESPACE", "NAME", "READY", "STATUS", "RESTARTS", "IP", "SIDECAR")]
+    rows: list[tuple[str, ...]] = [("NAMESPACE", "NAME", "READY", "STATUS", "RESTARTS", "IP", "SIDECAR")]
     for p in st.get("pods", []):
         side = "-"
         if p["sidecar"]:

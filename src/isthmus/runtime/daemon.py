@@ -45,7 +45,14 @@ from isthmus.runtime import network
 from isthmus.runtime.forward import Forwarder
 from isthmus.runtime.images import PROJECT_ROOT
 from isthmus.runtime.inject import IstioSidecarInjector, proxy_available
-from isthmus.runtime.plan import ClusterPlan, ContainerPlan, PlanOptions, PodPlan, ReadinessCheck, build_plan
+from isthmus.runtime.plan import (
+    ClusterPlan,
+    ContainerPlan,
+    PlanOptions,
+    PodPlan,
+    ReadinessCheck,
+    build_plan,
+)
 from isthmus.runtime.state import StateDir
 from isthmus.runtime.supervisor import Backoff, ContainerRunner, base_env
 
@@ -138,7 +145,7 @@ class Daemon:
         except (IsthmusError, OSError) as exc:
             self.report("failed", message=str(exc))
             code = 1
-        except Exception as exc:  # noqa: BLE001 - report, then clean up
+        except Exception as exc:
             log.exception("daemon failed")
             self.report("failed", message=f"{type(exc).__name__}: {exc}")
             code = 1
@@ -397,8 +404,8 @@ def ingress_target(plan: ClusterPlan) -> tuple[str, int] | None:
                 return p.endpoints[0].ip, p.endpoints[0].port
     for pod in plan.pods:
         if pod.labels.get("istio") == "ingressgateway":
-            ports = [p.port for c in pod.containers for p in c.ports]
-            return pod.ip, 8080 if 8080 in ports or not ports else ports[0]
+            numbers = [p.port for c in pod.containers for p in c.ports]
+            return pod.ip, 8080 if 8080 in numbers or not numbers else numbers[0]
     return None
 
 

@@ -67,7 +67,7 @@ class Forwarder:
             upstream = None  # owned by the stream now
             await asyncio.gather(_pipe(reader, uw), _pipe(ur, writer))
             uw.close()
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             log.info("forward %s:%s -> %s:%s failed: %s", self.listen_host, self.listen_port,
                      *self.target, exc)
         finally:

@@ -39,7 +39,7 @@ class SidecarInjector(Protocol):
     def init_ruleset(self, pod: PodPlan) -> RuleSet:
         """Capture rules for the pod's namespace (installed before containers start)."""
 
-    def sidecar_container(self, pod: PodPlan, plan: "ClusterPlan") -> ContainerPlan:
+    def sidecar_container(self, pod: PodPlan, plan: ClusterPlan) -> ContainerPlan:
         """The proxy container added to the pod."""
 
 
@@ -60,11 +60,11 @@ class IstioSidecarInjector:
     def init_ruleset(self, pod: PodPlan) -> RuleSet:
         return build_sidecar_rules(self.capture)
 
-    def node_id(self, pod: PodPlan, plan: "ClusterPlan") -> str:
+    def node_id(self, pod: PodPlan, plan: ClusterPlan) -> str:
         domain = plan.options.cluster_domain
         return f"sidecar~{pod.ip}~{pod.name}.{pod.namespace}~{pod.namespace}.svc.{domain}"
 
-    def sidecar_container(self, pod: PodPlan, plan: "ClusterPlan") -> ContainerPlan:
+    def sidecar_container(self, pod: PodPlan, plan: ClusterPlan) -> ContainerPlan:
         labels = ",".join(f"{k}={v}" for k, v in sorted(pod.labels.items()))
         argv = (self.python, "-m", "isthmus", "proxy", "sidecar",
                 "--xds-address", f"{plan.gateway_ip}:{self.xds_port}",
@@ -83,7 +83,7 @@ class IstioSidecarInjector:
         )
 
 
-def inject_pods(plan: "ClusterPlan", injector: SidecarInjector) -> "ClusterPlan":
+def inject_pods(plan: ClusterPlan, injector: SidecarInjector) -> ClusterPlan:
     """``plan`` with a sidecar added to every pod whose decision says so (pure)."""
     pods = []
     for pod in plan.pods:

@@ -664,15 +664,15 @@ def _plan_container(ctx: _Ctx, res: Resource[Any], cpath: str, c: Container, spe
                          path)
                 value = ""
         elif vf.config_map_key_ref is not None or vf.secret_key_ref is not None:
-            ref = vf.config_map_key_ref or vf.secret_key_ref
-            assert ref is not None
+            kref = vf.config_map_key_ref or vf.secret_key_ref
+            assert kref is not None
             is_secret = vf.secret_key_ref is not None
-            data = _lookup_data(ns, ref.name, secrets if is_secret else config_maps, is_secret)
-            value = None if data is None else data.get(ref.key)
+            data = _lookup_data(ns, kref.name, secrets if is_secret else config_maps, is_secret)
+            value = None if data is None else data.get(kref.key)
             if value is None:
-                if not ref.optional:
+                if not kref.optional:
                     kind = "Secret" if is_secret else "ConfigMap"
-                    ctx.error(res, f"env {var.name}: key {ref.key!r} of {kind} {ns}/{ref.name} "
+                    ctx.error(res, f"env {var.name}: key {kref.key!r} of {kind} {ns}/{kref.name} "
                                    "not found", path)
                 continue
         elif vf.resource_field_ref is not None:
@@ -731,13 +731,13 @@ def _readiness(ctx: _Ctx, res: Resource[Any], cpath: str, probe: Probe | None,
                ports: Iterable[PortPlan]) -> ReadinessCheck:
     if probe is None:
         return ReadinessCheck("running")
-    timing = dict(
-        initial_delay=float(probe.initial_delay_seconds or 0),
-        period=float(probe.period_seconds or 10),
-        timeout=float(probe.timeout_seconds or 1),
-        success_threshold=probe.success_threshold or 1,
-        failure_threshold=probe.failure_threshold or 3,
-    )
+    timing: dict[str, Any] = {
+        "initial_delay": float(probe.initial_delay_seconds or 0),
+        "period": float(probe.period_seconds or 10),
+        "timeout": float(probe.timeout_seconds or 1),
+        "success_threshold": probe.success_threshold or 1,
+        "failure_threshold": probe.failure_threshold or 3,
+    }
 
     def port_of(value: int | str | None) -> int:
         if isinstance(value, int):

@@ -37,7 +37,7 @@ class StateDir:
     path: Path
 
     @classmethod
-    def for_cluster(cls, cluster: str, base: Path | None = None) -> "StateDir":
+    def for_cluster(cls, cluster: str, base: Path | None = None) -> StateDir:
         return cls((base or run_dir()) / cluster)
 
     @property

@@ -212,12 +212,12 @@ class ContainerRunner:
                     stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
                 try:
                     return await asyncio.wait_for(proc.wait(), check.timeout) == 0
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
                     return False
             return await asyncio.wait_for(_net_probe(self.netns, check), check.timeout)
-        except (OSError, asyncio.TimeoutError, ValueError):
+        except (TimeoutError, OSError, ValueError):
             return False
 
     # ------------------------------------------------------------------ stopping
@@ -231,7 +231,7 @@ class ContainerRunner:
                 os.killpg(proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), self.grace)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()

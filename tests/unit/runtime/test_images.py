@@ -6,7 +6,13 @@ import sys
 
 import pytest
 
-from isthmus.runtime.images import ImageEntry, ImageError, ImageMap, image_basename, image_repository
+from isthmus.runtime.images import (
+    ImageEntry,
+    ImageError,
+    ImageMap,
+    image_basename,
+    image_repository,
+)
 
 
 def test_repository_strips_tag_and_digest() -> None:

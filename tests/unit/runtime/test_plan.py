@@ -69,7 +69,7 @@ def test_bookinfo_services_and_endpoints(bookinfo) -> None:
 def test_bookinfo_dns_names(bookinfo) -> None:
     plan = build_plan(bookinfo, images=fake_images())
     pod = plan.pods[0]
-    records = dict((ip, names) for ip, names in plan.hosts_records(pod))
+    records = {ip: names for ip, names in plan.hosts_records(pod)}
     reviews = plan.service("default/reviews")
     assert reviews is not None
     assert records[reviews.cluster_ip] == ["reviews.default.svc.cluster.local",
