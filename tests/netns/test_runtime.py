@@ -44,7 +44,7 @@ print(json.dumps(out))
 
 def manifests(root: Path) -> Path:
     d = root / "manifests"
-    for name in ("alpha", "beta"):
+    for name in ("alpha", "beta", "gateway"):
         (d / "www" / name).mkdir(parents=True)
         (d / "www" / name / "index.html").write_text(f"hello from {name}\n")
     (d / "apps.yaml").write_text(textwrap.dedent(f"""
@@ -120,6 +120,29 @@ def manifests(root: Path) -> Path:
           - {{name: boom, image: busybox, command: [sh, -c, "echo about to fail; exit 3"]}}
     ---
     apiVersion: apps/v1
+    kind: Deployment
+    metadata: {{name: gw, namespace: other}}
+    spec:
+      selector: {{matchLabels: {{istio: ingressgateway}}}}
+      template:
+        metadata: {{labels: {{istio: ingressgateway}}}}
+        spec:
+          containers:
+          - name: gw
+            image: python:3.11
+            command: ["{PY}", "-m", "http.server", "8080", "--directory", "www/gateway"]
+            ports: [{{containerPort: 8080}}]
+    ---
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {{name: alpha-routes}}
+    spec:
+      hosts: [alpha]
+      http:
+      - route:
+        - destination: {{host: alpha}}
+    ---
+    apiVersion: apps/v1
     kind: StatefulSet
     metadata: {{name: unsupported}}
     spec: {{}}
@@ -191,15 +214,15 @@ def in_pod(c: Cluster, pod: str, *urls: str) -> dict[str, str]:
 
 def test_up_serve_exec_logs_down(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
-    api_port = free_port()
+    api_port, ingress_port = free_port(), free_port()
     started = time.monotonic()
     up = c.isthmus("up", str(manifests(tmp_path)), "--api-port", str(api_port),
-                   "--timeout", "45")
+                   "--ingress-port", str(ingress_port), "--timeout", "45")
     # the crasher never becomes ready: `up` returns once it has settled, with status 1
     assert up.returncode == 1, up.stdout + up.stderr
     assert "unsupported kind StatefulSet" in up.stderr
     assert "not ready: default/crasher-" in up.stderr
-    assert "4/5 pods ready" in up.stdout
+    assert "5/6 pods ready" in up.stdout
     assert time.monotonic() - started < 40
 
     st = c.status()
@@ -240,7 +263,12 @@ def test_up_serve_exec_logs_down(cluster: Cluster, tmp_path: Path) -> None:
         config = json.loads(r.read())
     kinds = {(x["kind"], x["name"]) for x in config}
     assert ("Service", "alpha") in kinds
-    assert sum(1 for k, _ in kinds if k == "Pod") == 5
+    assert sum(1 for k, _ in kinds if k == "Pod") == 6
+    assert ("VirtualService", "alpha-routes") in kinds  # mesh config from DIR
+
+    # --ingress-port: host loopback -> the ingress gateway pod inside the node
+    with urllib.request.urlopen(f"http://127.0.0.1:{ingress_port}/", timeout=5) as r:
+        assert r.read().decode().strip() == "hello from gateway"
 
     # a second `up` of the same cluster is refused
     again = c.isthmus("up", str(tmp_path / "manifests"), "--api-port", "0")
@@ -250,15 +278,16 @@ def test_up_serve_exec_logs_down(cluster: Cluster, tmp_path: Path) -> None:
     pids = [ct["pid"] for p in c.status()["pods"] for ct in p["containers"] if ct["pid"]]
     assert len(pids) >= 4
     netns = c.our_netns()
-    assert f"{c.name}-node" in netns and len(netns) == 6
+    assert f"{c.name}-node" in netns and len(netns) == 7
     down = c.isthmus("down")
     assert down.returncode == 0, down.stderr
     assert c.our_netns() == []
     assert not list(Path("/etc/netns").glob(c.name + "-*"))
     assert not (c.run_dir / c.name).exists()
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]  # containers stopped
-    with pytest.raises(OSError):
-        urllib.request.urlopen(f"http://127.0.0.1:{api_port}/ready", timeout=2)
+    for port in (api_port, ingress_port):
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
     assert c.isthmus("down").returncode == 0  # idempotent
 
 
