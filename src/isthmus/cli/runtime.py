@@ -256,7 +256,8 @@ def _load(cluster: str) -> dict[str, Any]:
 
 
 def find_pod(st: dict[str, Any], ref: str) -> dict[str, Any]:
-    """``[NS/]NAME``: a pod by name, or a Deployment's first ready pod."""
+    """``[NS/]NAME``: a pod by name, a Deployment's first ready pod, else the first ready
+    pod labelled ``app=NAME`` (so ``details`` finds bookinfo's ``details-v1`` pods)."""
     ns, _, name = ref.rpartition("/")
     pods = [p for p in st.get("pods", []) if not ns or p["namespace"] == ns]
     exact = [p for p in pods if p["name"] == name]
@@ -267,6 +268,10 @@ def find_pod(st: dict[str, Any], ref: str) -> dict[str, Any]:
     owned = [p for p in pods if p["owner"] == f"Deployment/{name}"]
     if not ns:
         owned = [p for p in owned if p["namespace"] == "default"] or owned
+    if not owned:
+        owned = [p for p in pods if (p.get("labels") or {}).get("app") == name]
+        if not ns:
+            owned = [p for p in owned if p["namespace"] == "default"] or owned
     if owned:
         return next((p for p in owned if p["ready"]), owned[0])
     raise click.ClickException(f"no pod or deployment {ref!r} (see `isthmus status`)")

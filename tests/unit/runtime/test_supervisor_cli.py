@@ -79,6 +79,8 @@ STATE = {"pods": [
     {"namespace": "default", "name": "web-abc-2", "owner": "Deployment/web", "ready": True},
     {"namespace": "other", "name": "web-xyz-1", "owner": "Deployment/web", "ready": True},
     {"namespace": "other", "name": "solo", "owner": "Pod/solo", "ready": True},
+    {"namespace": "default", "name": "details-v1-a-b", "owner": "Deployment/details-v1",
+     "ready": True, "labels": {"app": "details"}},
 ]}
 
 
@@ -87,6 +89,7 @@ def test_find_pod_by_name_or_deployment() -> None:
     assert cli.find_pod(STATE, "other/web")["name"] == "web-xyz-1"
     assert cli.find_pod(STATE, "solo")["name"] == "solo"
     assert cli.find_pod(STATE, "default/web-abc-1")["name"] == "web-abc-1"
+    assert cli.find_pod(STATE, "details")["name"] == "details-v1-a-b"  # by app label
     with pytest.raises(Exception, match="no pod or deployment"):
         cli.find_pod(STATE, "nope")
 
