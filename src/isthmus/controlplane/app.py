@@ -15,15 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from isthmus.api.meta import ResourceKey
 from isthmus.controlplane.config.files import DirectorySource
 from isthmus.controlplane.config.store import ConfigChange, ConfigStore
 from isthmus.controlplane.model.mesh import MeshConfig, MeshSnapshot
 from isthmus.controlplane.model.proxy import ProxyNode
-from isthmus.api.meta import ResourceKey
 from isthmus.controlplane.xds.cache import InconsistentSnapshotError, SnapshotCache
 from isthmus.controlplane.xds.debounce import Debouncer
 from isthmus.controlplane.xds.server import XdsServer
@@ -43,7 +43,7 @@ class ControlPlaneOptions:
     http_port: int = 15014  # monitoring/debug + config API
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
-    mesh: MeshConfig = MeshConfig()
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
 class ControlPlane:

@@ -34,7 +34,7 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 
 
 class ControlPlaneHttp:
-    def __init__(self, cp: "ControlPlane", host: str, port: int) -> None:
+    def __init__(self, cp: ControlPlane, host: str, port: int) -> None:
         self.cp = cp
         self.host = host
         self.port = port
@@ -53,8 +53,7 @@ class ControlPlaneHttp:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             status, body, ctype = await asyncio.wait_for(self._serve_one(reader), timeout=30)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError,
-                ValueError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, ValueError):
             writer.close()
             return
         except Exception as exc:  # never let a bad request take the endpoint down

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from isthmus.api.loader import LineMap, RawDocument, iter_documents
 from isthmus.api.meta import Resource, ResourceKey, split_api_version

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 from isthmus.api.meta import Resource
+from isthmus.controlplane.model import gatewayapi
 from isthmus.controlplane.model.hosts import labels_match, parse_export_to_annotation, selector_labels
 from isthmus.controlplane.model.mesh import MeshConfig, MeshSnapshot
 from isthmus.controlplane.model.types import (
@@ -565,6 +566,10 @@ def build_snapshot(resources: Iterable[Resource], mesh: MeshConfig = MeshConfig(
     routing: dict[str, tuple[Resource, ...]] = {
         attr: tuple(by_kind.get(gk, ())) for gk, attr in _ROUTING_KINDS.items()
     }
+    # Gateway API is served by converting it to Istio's own kinds, as Istio does.
+    gw_gateways, gw_routes = gatewayapi.convert(routing["k8s_gateways"], routing["http_routes"], mesh.domain_suffix)
+    routing["gateways"] += tuple(gw_gateways)
+    routing["virtual_services"] += tuple(gw_routes)
     services.sort(key=lambda s: (s.hostname, s.namespace, s.name))
     by_host: dict[str, list[Service]] = defaultdict(list)
     for svc_ in services:

@@ -36,11 +36,26 @@ class RelayStats:
 class _Direction:
     """One way of the relay: ``src`` → ``dst``. A tiny state machine on loop callbacks."""
 
-    __slots__ = ("loop", "src", "dst", "relay", "attr", "pipe_r", "pipe_w", "pending", "buf", "view",
-                 "buf_start", "buf_end", "done", "reading", "writing")
+    __slots__ = (
+        "attr",
+        "buf",
+        "buf_end",
+        "buf_start",
+        "done",
+        "dst",
+        "loop",
+        "pending",
+        "pipe_r",
+        "pipe_w",
+        "reading",
+        "relay",
+        "src",
+        "view",
+        "writing",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket,
-                 relay: "Relay", attr: str, use_splice: bool) -> None:
+                 relay: Relay, attr: str, use_splice: bool) -> None:
         self.loop, self.src, self.dst, self.relay, self.attr = loop, src, dst, relay, attr
         self.pending = 0  # bytes sitting in the pipe (splice) or buffer (copy)
         self.pipe_r = self.pipe_w = -1
@@ -183,7 +198,7 @@ class Relay:
                     timeout = max(0.0, self.last_activity + self.idle_timeout - time.monotonic())
                 try:
                     await asyncio.wait_for(asyncio.shield(self._finished), timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if time.monotonic() - self.last_activity >= (self.idle_timeout or 0):
                         self.stats.ended_by = "idle_timeout"
                         break
