@@ -60,6 +60,7 @@ log = logging.getLogger("isthmus.runtime")
 
 XDS_PORT = 15010
 CP_HTTP_PORT = 15014
+ANNOTATION_READY = "isthmus.io/ready"
 SETTLED_RESTARTS = 3  # a pod crashing this often counts as settled (failed) for `up`
 
 
@@ -101,6 +102,7 @@ class Daemon:
         self._dirty = asyncio.Event()  # for _state_writer
         self._pods_written: str = ""
         self.sidecars = False
+        self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ reporting
 
@@ -212,15 +214,24 @@ class Daemon:
                 backoff=self.opts.backoff, on_change=self.changed)
             self.cp_runner.start()
         for pod in plan.pods:
-            runners = []
-            for c in pod.containers:
-                r = ContainerRunner(pod.key, pod.netns, c,
-                                    self.state.logs / f"{pod.namespace}_{pod.name}_{c.name}.log",
-                                    cwd, env, backoff=self.opts.backoff, on_change=self.changed,
-                                    grace=min(5.0, 30.0))
-                runners.append(r)
-                r.start()
+            runners = [ContainerRunner(pod.key, pod.netns, c,
+                                       self.state.logs / f"{pod.namespace}_{pod.name}_{c.name}.log",
+                                       cwd, env, backoff=self.opts.backoff, on_change=self.changed,
+                                       grace=min(5.0, 30.0))
+                       for c in pod.containers]
             self.runners[pod.key] = runners
+            sidecars = [r for r in runners if r.container.sidecar]
+            for r in sidecars:
+                r.start()
+            apps = [r for r in runners if not r.container.sidecar]
+            if sidecars:
+                # Istio's holdApplicationUntilProxyStarts: the app starts once the proxy
+                # has its config, so its first outbound calls are already captured+routed.
+                self._tasks.append(asyncio.get_running_loop().create_task(
+                    self._start_after(sidecars, apps), name=f"hold {pod.key}"))
+            else:
+                for r in apps:
+                    r.start()
         await self._start_forwards(plan)
         self.phase = "Running"
         self._write_state()
@@ -265,6 +276,14 @@ class Daemon:
                                   "target": f"{target[0]}:{target[1]}"})
         self.report("progress", message=f"forwarding 127.0.0.1:{fwd.listen_port} -> "
                                         f"{target[0]}:{target[1]} ({name})")
+
+    async def _start_after(self, sidecars: list[ContainerRunner],
+                           apps: list[ContainerRunner]) -> None:
+        while not all(r.status.ready for r in sidecars):
+            await asyncio.sleep(0.1)
+        for r in apps:
+            if not self.stop_event.is_set():
+                r.start()
 
     # ------------------------------------------------------------------ waiting
 
@@ -383,6 +402,8 @@ class Daemon:
     # ------------------------------------------------------------------ stopping
 
     async def _shutdown(self) -> None:
+        for t in self._tasks:
+            t.cancel()
         for fwd in self.forwarders:
             await fwd.stop()
         runners = [r for rs in self.runners.values() for r in rs]
@@ -439,8 +460,12 @@ def pod_phase(containers: list[dict[str, Any]]) -> str:
 def pod_manifest(pod: PodPlan, ready: bool) -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "Pod",
+        # isthmus.io/ready mirrors the Ready condition in metadata: the control plane's
+        # config store compares metadata+spec only, so a status-only change would not
+        # reach it (and the pod would never get endpoints).
         "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": dict(pod.labels),
-                     "annotations": dict(pod.annotations)},
+                     "annotations": {**pod.annotations,
+                                     ANNOTATION_READY: "true" if ready else "false"}},
         "spec": {"serviceAccountName": pod.service_account,
                  "containers": [{"name": c.name, "image": c.image or "local",
                                  "ports": [{"name": p.name, "containerPort": p.port,

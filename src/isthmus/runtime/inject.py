@@ -20,6 +20,7 @@ Neighbours: ``plan`` (decisions), ``network`` (applies the init rules, then kube
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 
 SIDECAR_NAME = "istio-proxy"
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
-PROXY_READY_PORT = 15021
+PROXY_READY_PORT = 15021  # Istio's; our proxy answers readiness on admin /ready
+PROXY_ADMIN_PORT = 15000
 
 
 class SidecarInjector(Protocol):
@@ -41,6 +43,60 @@ class SidecarInjector(Protocol):
 
     def sidecar_container(self, pod: PodPlan, plan: ClusterPlan) -> ContainerPlan:
         """The proxy container added to the pod."""
+
+
+def _traversable_by_others(path: str) -> bool:
+    """Whether every directory from / down to ``path`` lets other users in (o+x)."""
+    import os
+    import stat
+
+    p = os.path.realpath(path)
+    parts = p.split(os.sep)
+    for i in range(2, len(parts) + 1):
+        d = os.sep.join(parts[:i]) or os.sep
+        try:
+            st = os.stat(d)
+        except OSError:
+            return False
+        if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def proxy_capabilities() -> tuple[str, ...]:
+    """Capabilities the UID-1337 proxy needs to run *this* Python: none when the
+    interpreter, its libraries and isthmus are readable by any user; else
+    ``dac_read_search`` (read-only access), e.g. for a pyenv under a 0700 /root."""
+    import isthmus
+
+    paths = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(isthmus.__file__))]
+    paths += [p for p in sys.path if p and os.path.isdir(p)]
+    return () if all(_traversable_by_others(p) for p in paths) else ("dac_read_search",)
+
+
+def proxy_binds_inbound_source() -> bool:
+    """Whether the proxy honours a cluster's ``upstream_bind_config`` (Envoy binds
+    inbound-cluster connections to 127.0.0.6, which the capture rules let through).
+    Without it the proxy's connection to its own pod IP (UID 1337, via lo) is redirected
+    back to 15006 by Istio's rules, a loop; ``passthrough_rules`` then works around it."""
+    try:
+        from isthmus.dataplane.proxy.config import ClusterConfig
+    except ImportError:
+        return False
+    names = getattr(ClusterConfig, "__dataclass_fields__", {})
+    return any("bind" in n or "source_address" in n for n in names)
+
+
+def passthrough_rules(pod: PodPlan) -> list[list[str]]:
+    """iptables argv (nat) letting the proxy (UID/GID 1337) reach its own pod IP over lo
+    without redirection: only needed while ``proxy_binds_inbound_source()`` is False.
+    Cost: a sidecar calling its own pod through a Service skips its inbound listener."""
+    if pod.ip == "" or proxy_binds_inbound_source():
+        return []
+    return [["iptables", "-t", "nat", "-I", "ISTIO_OUTPUT", "1", "-d", f"{pod.ip}/32",
+             "-o", "lo", "-p", "tcp", "-m", "owner", "--uid-owner", str(PROXY_UID),
+             "-m", "comment", "--comment", "isthmus-runtime: proxy inbound to own pod IP",
+             "-j", "RETURN"]]
 
 
 def proxy_available() -> bool:
@@ -56,6 +112,7 @@ class IstioSidecarInjector:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     python: str = sys.executable
     xds_port: int = 15010
+    capabilities: tuple[str, ...] = field(default_factory=proxy_capabilities)
 
     def init_ruleset(self, pod: PodPlan) -> RuleSet:
         return build_sidecar_rules(self.capture)
@@ -78,7 +135,8 @@ class IstioSidecarInjector:
         return ContainerPlan(
             name=SIDECAR_NAME, image="isthmus/proxy", argv=argv, env=env,
             run_as_user=PROXY_UID, run_as_group=PROXY_UID, sidecar=True,
-            readiness=ReadinessCheck("http", port=PROXY_READY_PORT, path="/healthz/ready",
+            capabilities=self.capabilities,
+            readiness=ReadinessCheck("http", port=PROXY_ADMIN_PORT, path="/ready",
                                      period=1.0),
         )
 

@@ -162,6 +162,10 @@ class NetworkManager:
                 apply_ruleset(ruleset, SubprocessExecutor(netns=pod.netns))
             except IsthmusError as exc:
                 raise NetworkError(f"pod {pod.key}: capture rules: {exc}") from None
+            from isthmus.runtime.inject import passthrough_rules
+
+            for argv in passthrough_rules(pod):
+                self.runner.run(in_netns(pod.netns, *argv))
         self.install_service_rules(pod.netns)
 
     def install_service_rules(self, netns: str) -> None:

@@ -109,6 +109,9 @@ class ContainerPlan:
     error: str = ""  # set: cannot run (unknown image ...); reported, not started
     sidecar: bool = False
     restart_policy: str = "Always"
+    # Linux capabilities (lowercase, no CAP_ prefix) kept across the UID change as
+    # ambient capabilities (securityContext.capabilities.add for a non-root user).
+    capabilities: tuple[str, ...] = ()
 
     def env_dict(self) -> dict[str, str]:
         return dict(self.env)

@@ -72,12 +72,18 @@ class ContainerStatus:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def exec_prefix(netns: str, user: int | None, group: int | None) -> list[str]:
-    """argv prefix that runs a command in ``netns`` as ``user``/``group``."""
+def exec_prefix(netns: str, user: int | None, group: int | None,
+                capabilities: tuple[str, ...] = ()) -> list[str]:
+    """argv prefix that runs a command in ``netns`` as ``user``/``group`` (keeping
+    ``capabilities`` as ambient capabilities across the UID change)."""
     argv = ["ip", "netns", "exec", netns]
     if user is not None or group is not None:
         argv += ["setpriv", "--reuid", str(user if user is not None else 0),
-                 "--regid", str(group if group is not None else 0), "--clear-groups", "--"]
+                 "--regid", str(group if group is not None else 0), "--clear-groups"]
+        if capabilities:
+            caps = ",".join(f"+{c}" for c in capabilities)
+            argv += ["--inh-caps", caps, "--ambient-caps", caps]
+        argv.append("--")
     return argv
 
 
@@ -161,7 +167,7 @@ class ContainerRunner:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self.log_path.exists() and self.log_path.stat().st_size:
             self.log_path.replace(self.log_path.with_suffix(".previous.log"))
-        argv = exec_prefix(self.netns, c.run_as_user, c.run_as_group) + list(c.argv)
+        argv = exec_prefix(self.netns, c.run_as_user, c.run_as_group, c.capabilities) + list(c.argv)
         env = dict(self.env)
         env.update(c.env)
         cwd = c.working_dir if c.working_dir and os.path.isdir(c.working_dir) else self.cwd
