@@ -390,6 +390,8 @@ def sign_workload(
 ) -> x509.Certificate:
     """Issue the workload leaf for an already-checked CSR: only ``identity`` as URI SAN."""
     not_after = now + ttl
+    if not_after.microsecond:  # X.509 times have whole seconds: round up, not down
+        not_after += dt.timedelta(microseconds=1_000_000 - not_after.microsecond)
     if not_after_limit is not None:
         not_after = min(not_after, not_after_limit)
     if not_after <= now:
