@@ -25,13 +25,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from isthmus.dataplane.envoy.circuit_breakers import Resource
+from isthmus.dataplane.envoy.hashing import xxh64
 from isthmus.dataplane.envoy.headers import FormatContext, apply_mutations
 from isthmus.dataplane.envoy.lb import compute_hash
 from isthmus.dataplane.envoy.outlier import LocalOrigin
-from isthmus.dataplane.envoy.retry import Outcome, Reset, retriable_hosts_filter, should_retry
+from isthmus.dataplane.envoy.retry import (
+    RETRY_ON_VALUES,
+    Outcome,
+    Reset,
+    RetryPolicy,
+    RetryVerdict,
+    should_retry,
+)
 from isthmus.dataplane.envoy.routes import RouteDecision
 from isthmus.dataplane.http.body import BodyReset
 from isthmus.dataplane.io.pools import PoolOverflow, pool_for
@@ -55,6 +65,13 @@ log = logging.getLogger(__name__)
 RETRY_BUFFER_LIMIT = 1 << 20  # Envoy's default per-connection buffer limit (1 MiB)
 _HOP = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding",
                   "upgrade", "te", "host", "http2-settings", "expect"))
+#: request headers the router consumes (Envoy removes them before forwarding)
+_CONSUMED = frozenset((
+    "x-envoy-attempt-count", "x-envoy-retry-on", "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries", "x-envoy-retriable-status-codes", "x-envoy-retriable-header-names",
+    "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-expected-rq-timeout-ms", "x-envoy-hedge-on-per-try-timeout"))
+_REFUSED_STREAM = 0x7  # HTTP/2 REFUSED_STREAM error code
 _RESP_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection",
                        b"transfer-encoding", b"upgrade"))
 
@@ -220,7 +237,8 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
     loop = asyncio.get_running_loop()
     ctx = st.conn.ctx
     cs = cluster.stats
-    retry = action.retry_policy
+    retry = merged_retry_policy(action.retry_policy, hdict)
+    timeout, per_try = request_timeouts(action.timeout_s, retry, hdict)
     # -- request head (static across attempts except the attempt count)
     if decision.request_headers:
         hmap = apply_mutations(hdict, decision.request_headers, _fc(st, hdict))
@@ -228,11 +246,14 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
         hmap = {k: [v] if isinstance(v, str) else v for k, v in hdict.items()}
     up_headers: list[tuple[bytes, bytes]] = []
     for k, vs in hmap.items():
-        if k in _HOP or k == "x-envoy-attempt-count":
+        if k in _HOP or k in _CONSUMED:
             continue
         kb = k.encode("latin-1")
         for v in vs:
             up_headers.append((kb, v.encode("latin-1")))
+    expected = per_try or timeout
+    if expected:
+        up_headers.append((b"x-envoy-expected-rq-timeout-ms", str(int(expected * 1000)).encode()))
     upgrade = st.upgrade
     if upgrade is not None:
         proto = upgrade.decode("latin-1").lower()
@@ -244,9 +265,11 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
     host_header = decision.host or authority
     path_b = decision.path.encode("latin-1")
     method_b = method.encode("latin-1")
-    hash_key = None
+    hash_key: int | None = None
+    set_cookies: list[bytes] = []
     if action.hash_policies:
-        hash_key = compute_hash(action.hash_policies, hdict, ctx.remote[0]).hash
+        hash_key, set_cookies = request_hash(action.hash_policies, hdict, ctx,
+                                             st.head.path.decode("latin-1"))
     rb = _RetryBuffer()
     has_body = st.body is not None
     if not has_body:
@@ -254,14 +277,15 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
     attempted: list[str] = []
     attempt = 0
     start = loop.time()
-    timeout = action.timeout_s
-    per_try = retry.per_try_timeout_s if retry is not None else None
     include_count = decision.route.include_request_attempt_count
     mirrors = [m for m in action.mirrors if m.should_mirror(random64())]
-    conn: Http1Upstream | None = None
-    pool = None
+    conn: Any = None  # Http1Upstream or an HTTP/2 exchange (io.pools / io.h2pool)
+    pool: Any = None
     pump: asyncio.Task[None] | None = None
     response_sent = False
+    active: str | None = None  # host key counted in cluster.active (LEAST_REQUEST)
+    host: HostSpec | None = None
+    late_flag = ""  # UO (retry overflow) / URX (retries exhausted) on a passed-through answer
     try:
         async with asyncio.timeout(timeout):
             while True:
@@ -269,14 +293,24 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
                 if cluster.config.type == "ORIGINAL_DST":
                     dst = _original_dst(ctx, hdict, cluster)
                     host = HostSpec(dst[0], dst[1]) if dst is not None else None
+                elif attempt and retry is not None and retry.previous_hosts:
+                    host = cluster.pick_retry(hash_key, frozenset(attempted),
+                                              retry.host_selection_max_attempts + 1)
                 else:
-                    exclude = retriable_hosts_filter(retry, attempted) if retry else frozenset()
-                    host = cluster.pick(hash_key, exclude)
+                    host = cluster.pick(hash_key)
+                    if host is None and cluster.warming and \
+                            await cluster.wait_ready(cluster.config.connect_timeout_s):
+                        host = cluster.pick(hash_key)
                 if host is None:
                     cs.inc("upstream_cx_none_healthy")
                     local_reply(st, 503, b"no healthy upstream", "UH")
                     return
                 attempted.append(host.key)
+                st.upstream_host = host.key  # %UPSTREAM_HOST% / destination labels
+                cluster.rq_start(host.key)
+                active = host.key
+                hk = "host." + host.key + "."
+                cs.inc(hk + "rq_total")
                 pool = pool_for(cluster, host.address, host.port)
                 headers = up_headers
                 if include_count:
@@ -288,17 +322,18 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
                 ev: Any = None
                 conn = None
                 try:
-                    async with asyncio.timeout(per_try):
-                        try:
-                            conn = await pool.acquire()
-                        except PoolOverflow:
-                            local_reply(st, 503, _UO_BODY, "UO", [(b"x-envoy-overloaded", b"true")])
-                            return
-                        except UpstreamConnectError:
-                            cluster.record(host, LocalOrigin.CONNECT_FAILED)
-                            outcome = Outcome.of_reset(Reset.CONNECT_FAILURE, False)
-                            conn = None
-                        if conn is not None:
+                    conn = await pool.acquire()
+                except PoolOverflow:
+                    local_reply(st, 503, _UO_BODY, "UO", [(b"x-envoy-overloaded", b"true")])
+                    return
+                except UpstreamConnectError:
+                    cluster.record(host, LocalOrigin.CONNECT_FAILED)
+                    outcome = Outcome.of_reset(Reset.CONNECT_FAILURE, False)
+                if conn is not None:
+                    cluster.record(host, LocalOrigin.CONNECT_SUCCESS)
+                    try:
+                        # per-try timeout: from the request being sent to response headers
+                        async with asyncio.timeout(per_try):
                             sid = conn.send_request(method_b, path_b,
                                                     host_header.encode("latin-1"), headers,
                                                     not has_body and upgrade is None)
@@ -311,15 +346,24 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
                                 break
                             if type(ev) is ResponseHeaders:
                                 outcome = Outcome.response(ev.status, _small_map(ev.headers))
+                            elif type(ev) is StreamReset and ev.error_code == _REFUSED_STREAM:
+                                outcome = Outcome.of_reset(Reset.REFUSED_STREAM)
                             else:
                                 outcome = Outcome.of_reset(Reset.RESET)
-                except TimeoutError:
-                    cs.inc("upstream_rq_per_try_timeout")
-                    outcome = Outcome.of_reset(Reset.PER_TRY_TIMEOUT)
-                    ev = None
-                # -- retry?
+                    except TimeoutError:
+                        cs.inc("upstream_rq_per_try_timeout")
+                        cluster.record(host, LocalOrigin.TIMEOUT)
+                        outcome = Outcome.of_reset(Reset.PER_TRY_TIMEOUT)
+                        ev = None
+                # -- outlier detection, host stats
                 if outcome.status is not None:
                     cluster.record(host, outcome.status)
+                    cs.inc(hk + ("rq_error" if outcome.status >= 500 else "rq_success"))
+                else:
+                    cs.inc(hk + "rq_error")
+                    if outcome.reset is Reset.RESET or outcome.reset is Reset.REFUSED_STREAM:
+                        cluster.record(host, LocalOrigin.CONNECT_FAILED)
+                # -- retry?
                 retriable = retry is not None and not rb.overflow and upgrade is None
                 if retriable:
                     decision_r = should_retry(retry, attempt, outcome, random64,
@@ -330,6 +374,8 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
                         if conn is not None:
                             pool.release(conn, reusable=False)
                             conn = None
+                        cluster.rq_finish(host.key)
+                        active = None
                         cluster.resources.try_acquire(Resource.RETRIES)
                         try:
                             await asyncio.sleep(decision_r.backoff_s)
@@ -337,8 +383,12 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
                             cluster.resources.release(Resource.RETRIES)
                         attempt += 1
                         continue
-                    if decision_r.verdict.value == "overflow":
+                    if decision_r.verdict is RetryVerdict.OVERFLOW:
                         cs.inc("upstream_rq_retry_overflow")
+                        late_flag = "UO"
+                    elif decision_r.verdict is RetryVerdict.LIMIT_EXCEEDED:
+                        cs.inc("upstream_rq_retry_limit_exceeded")
+                        late_flag = "URX"
                 if outcome.reset is not None:
                     _stop(pump)
                     if conn is not None:
@@ -352,12 +402,14 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
                         local_reply(st, 503, _UF_BODY, "UF")
                     else:
                         local_reply(st, 503, _UR_BODY, "UR")
+                    _late_flag(st, late_flag)
                     return
                 break
             # -- a response to send downstream
             assert conn is not None and ev is not None
             if attempt:
                 cs.inc("upstream_rq_retry_success")
+            _late_flag(st, late_flag)
             status = ev.status
             cs.inc("upstream_rq_" + status_class(status))
             cs.inc(f"upstream_rq_{status}")
@@ -367,6 +419,8 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
                 rh.append((b"upgrade", upgrade))
             rh.append((b"x-envoy-upstream-service-time",
                        str(int((loop.time() - start) * 1000)).encode()))
+            for c in set_cookies:
+                rh.append((b"set-cookie", c))
             rh = _response_headers(st, decision, hdict, rh, extra)
             st.send_response(status, rh, ev.end_stream)
             response_sent = True
@@ -404,6 +458,8 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
     except TimeoutError:
         cs.inc("upstream_rq_timeout")
         _stop(pump)
+        if host is not None and active is not None and cluster.config.type != "ORIGINAL_DST":
+            cluster.record(host, LocalOrigin.TIMEOUT)
         if conn is not None and pool is not None:
             pool.release(conn, reusable=False)
             conn = None
@@ -417,9 +473,128 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
             conn = None
         st.reset()
     finally:
+        if active is not None:
+            cluster.rq_finish(active)
         if conn is not None and pool is not None:
             _stop(pump)
             pool.release(conn, reusable=False)
+
+
+def _late_flag(st: Any, flag: str) -> None:
+    """A response flag on an answer that is not a local reply of its own (URX, UO)."""
+    if not flag:
+        return
+    st.flags = f"{st.flags},{flag}" if st.flags else flag
+    st.conn.ctx.proxy.stats.inc("response_flag." + flag)
+
+
+# --------------------------------------------------------------------------- request policy
+
+
+def _first(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return v
+    return v[0] if v else None
+
+
+def merged_retry_policy(policy: RetryPolicy | None, hdict: Mapping[str, Any]
+                        ) -> RetryPolicy | None:
+    """Envoy's RetryStateImpl: ``x-envoy-retry-on`` / ``x-envoy-retry-grpc-on`` add to the
+    route's retry_on (unknown values ignored), ``x-envoy-retriable-status-codes`` adds
+    codes, ``x-envoy-max-retries`` replaces num_retries when anything is retried on."""
+    ro = _first(hdict.get("x-envoy-retry-on"))
+    rg = _first(hdict.get("x-envoy-retry-grpc-on"))
+    mr = _first(hdict.get("x-envoy-max-retries"))
+    codes = _first(hdict.get("x-envoy-retriable-status-codes"))
+    if ro is None and rg is None and mr is None and codes is None:
+        return policy
+    on = set(policy.retry_on) if policy is not None else set()
+    for value in (ro, rg):
+        if value:
+            on.update(t.strip() for t in value.split(",") if t.strip() in RETRY_ON_VALUES)
+    if not on:
+        return policy
+    base = policy if policy is not None else RetryPolicy(retry_on=frozenset())
+    kw: dict[str, Any] = {"retry_on": frozenset(on)}
+    if codes:
+        extra = {int(c) for c in (x.strip() for x in codes.split(",")) if c.isdigit()}
+        kw["retriable_status_codes"] = base.retriable_status_codes | frozenset(extra)
+    if mr is not None and mr.strip().isdigit():
+        kw["num_retries"] = int(mr.strip())
+    return replace(base, **kw)
+
+
+def request_timeouts(route_timeout: float | None, retry: RetryPolicy | None,
+                     hdict: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """Envoy's FilterUtility::finalTimeout: ``x-envoy-upstream-rq-timeout-ms`` and
+    ``x-envoy-upstream-rq-per-try-timeout-ms`` override the route's (0: none); a per-try
+    timeout not below the global one is ignored."""
+    timeout = route_timeout
+    per_try = retry.per_try_timeout_s if retry is not None else None
+    t = _first(hdict.get("x-envoy-upstream-rq-timeout-ms"))
+    if t is not None and t.strip().isdigit():
+        ms = int(t.strip())
+        timeout = ms / 1000.0 if ms > 0 else None
+    pt = _first(hdict.get("x-envoy-upstream-rq-per-try-timeout-ms"))
+    if pt is not None and pt.strip().isdigit():
+        ms = int(pt.strip())
+        per_try = ms / 1000.0 if ms > 0 else None
+    if per_try is not None and timeout is not None and per_try >= timeout:
+        per_try = None
+    return timeout, per_try
+
+
+def _addr_str(a: tuple[str, int]) -> str:
+    return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+
+
+def parse_query(path: str) -> dict[str, str]:
+    """Envoy's parseQueryString (no decoding); the first value of a name wins."""
+    q = path.partition("?")[2].partition("#")[0]
+    out: dict[str, str] = {}
+    if not q:
+        return out
+    for part in q.split("&"):
+        if not part:
+            continue
+        k, _, v = part.partition("=")
+        out.setdefault(k, v)
+    return out
+
+
+def set_cookie_value(name: str, value: str, ttl_s: float, path: str) -> bytes:
+    """Envoy's makeSetCookieValue (httponly)."""
+    out = f'{name}="{value}"'
+    if int(ttl_s):
+        out += f"; Max-Age={int(ttl_s)}"
+    if path:
+        out += f"; Path={path}"
+    return (out + "; HttpOnly").encode("latin-1")
+
+
+def request_hash(policies: Any, hdict: Mapping[str, Any], ctx: Any, raw_path: str
+                 ) -> tuple[int | None, list[bytes]]:
+    """The route's hash policies over this request -> (hash or None, Set-Cookie values).
+
+    A cookie policy with a ttl whose cookie is absent generates one as Envoy's router
+    does (``hex(xxHash64(remote_address + local_address))``), hashes that value, and asks
+    for it to be set on the response."""
+    query = parse_query(raw_path) if any(p.kind == "query_parameter" for p in policies) \
+        else None
+    res = compute_hash(policies, hdict, ctx.remote[0], query)
+    if not res.set_cookies:
+        return res.hash, []
+    value = format(xxh64(_addr_str(ctx.remote) + _addr_str(ctx.local)), "016x")
+    headers = dict(hdict)
+    cookie = headers.get("cookie")
+    cur = [] if cookie is None else ([cookie] if isinstance(cookie, str) else list(cookie))
+    cur.append("; ".join(f"{sc.name}={value}" for sc in res.set_cookies))
+    headers["cookie"] = cur
+    res2 = compute_hash(policies, headers, ctx.remote[0], query)
+    return res2.hash, [set_cookie_value(sc.name, value, sc.ttl_s, sc.path)
+                       for sc in res.set_cookies]
 
 
 def _small_map(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -458,6 +633,7 @@ async def _tunnel(st: Any, conn: Http1Upstream) -> None:
             await conn.drain()
 
     task = st.conn.ctx.proxy.spawn(down_to_up())
+    ev: Any
     try:
         while True:
             ev = await conn.next_event()
@@ -493,8 +669,9 @@ async def _shadow(cluster: Any, method: bytes, path: bytes, host: bytes,
     h = cluster.pick()
     if h is None:
         return
-    pool = pool_for(cluster, h.address, h.port)
-    conn = None
+    pool: Any = pool_for(cluster, h.address, h.port)
+    conn: Any = None
+    ev: Any
     try:
         async with asyncio.timeout(cluster.config.connect_timeout_s + 30):
             conn = await pool.acquire()

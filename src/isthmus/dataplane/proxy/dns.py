@@ -156,7 +156,7 @@ class DnsRefresher:
             self._last[name] = pick_family(list(res), s.family)
         hosts: list[HostSpec] = []
         for name in self.names:
-            host, port, weight = name
+            _, port, weight = name
             hosts.extend(HostSpec(ip, port, weight) for ip in self._last.get(name, ()))
         if s.logical:
             hosts = hosts[:1]

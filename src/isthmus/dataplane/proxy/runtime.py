@@ -44,7 +44,7 @@ from isthmus.dataplane.proxy.config import (
     compile_routes,
 )
 from isthmus.dataplane.proxy.dns import DnsRefresher, DnsSettings, resolve_blocking
-from isthmus.dataplane.proxy.health import HealthChecker, HealthCheckConfig, compile_health_checks
+from isthmus.dataplane.proxy.health import HealthCheckConfig, HealthChecker, compile_health_checks
 from isthmus.dataplane.proxy.stats import Scope, Stats
 from isthmus.dataplane.xds import types
 
@@ -493,10 +493,11 @@ class RuntimeManager:
         self.update(type_url, {n: comp(n, m) for n, m in updated.items()}, removed)
 
     def update(self, type_url: str, updated: Mapping[str, Any], removed: Any = ()) -> None:
-        target: dict[str, Any] = {
-            types.LISTENER: self._listeners, types.ROUTE: self._routes,
-            types.CLUSTER: self._cluster_cfgs, types.ENDPOINT: self._endpoints,
-        }[type_url]
+        tables: dict[str, dict[str, Any]] = {
+            types.LISTENER: self._listeners, types.ROUTE: self._routes,  # type: ignore[dict-item]
+            types.CLUSTER: self._cluster_cfgs, types.ENDPOINT: self._endpoints,  # type: ignore[dict-item]
+        }
+        target = tables[type_url]
         for n in removed:
             target.pop(n, None)
         target.update(updated)
