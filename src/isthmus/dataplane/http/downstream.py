@@ -10,6 +10,18 @@ responses wait in ``drain()`` while the socket's write buffer is full.
 Connection lifetime: idle timeout between requests (HCM ``common_http_protocol_options``
 ``idle_timeout``), ``max_requests_per_connection``, and drain (``start_drain``): no new
 requests; the last in-flight response carries ``Connection: close``.
+
+HTTP/2: ``make_downstream(ctx, handler, protocol)`` is the entry point for an HCM chain:
+``protocol`` is what was negotiated (ALPN ``"h2"`` / ``"http/1.1"``, or ``"h2c"`` from
+http_inspector) or None when unknown. An HCM with ``codec_type`` HTTP2 always gets
+``downstream_h2.H2Downstream``; with AUTO and no negotiated protocol an
+``Http1Downstream`` looks at the first bytes and hands the connection over
+(``transport.set_protocol``) to ``H2Downstream`` when they are the HTTP/2 preface (h2c
+prior knowledge), as Envoy's AUTO codec does.
+
+Trailers on an HTTP/1 response (e.g. gRPC ``grpc-status`` from an HTTP/2 upstream) are
+sent as chunked trailers only when the request said ``TE: trailers``; otherwise they
+are dropped and the body simply ends.
 """
 
 from __future__ import annotations
@@ -20,7 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from isthmus.dataplane.http.body import BodyChannel
+from isthmus.dataplane.io.pools import current_request
 from isthmus.dataplane.proxy.config import CompiledListener, HcmConfig
+from isthmus.dataplane.sansio.detect import H2_PREFACE
 from isthmus.dataplane.sansio.events import (
     ConnectionClosed,
     Data,
@@ -45,6 +59,10 @@ class ConnContext:
     local: tuple[str, int]
     remote: tuple[str, int]
     original_dst: tuple[str, int] | None = None
+    alpn: str = ""  # negotiated by TLS ("h2", "http/1.1") or "" (plaintext)
+    tls: Any = None  # io.tls.TlsInfo of a terminated TLS connection
+    alpn: str = ""  # negotiated by TLS ("h2", "http/1.1", "istio", …); set by io.listeners
+    tls: Any = None  # io.tls.TlsInfo (ALPN, SNI, peer SANs / SPIFFE ID) on TLS connections
 
 
 class DownstreamStream:
@@ -96,7 +114,10 @@ class DownstreamStream:
 
     def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
         c = self.conn
-        c.codec.send_trailers(self.sid, headers)
+        if _accepts_trailers(self.head.headers):
+            c.codec.send_trailers(self.sid, headers)
+        else:
+            c.codec.send_data(self.sid, b"", True)  # no TE: trailers: drop them
         self.done = True
         c.flush()
 
@@ -111,9 +132,20 @@ class DownstreamStream:
         c.flush()
 
 
+def _accepts_trailers(headers: list[tuple[bytes, bytes]]) -> bool:
+    for k, v in headers:
+        if k == b"te" and b"trailers" in v.lower():
+            return True
+    return False
+
+
 class Http1Downstream(asyncio.Protocol):
-    def __init__(self, ctx: ConnContext, handler: Any) -> None:
+    def __init__(self, ctx: ConnContext, handler: Any, sniff_h2: bool | None = None) -> None:
         self.ctx = ctx
+        # AUTO codec without a negotiated protocol: the first bytes decide (h2c preface)
+        if sniff_h2 is None:
+            sniff_h2 = ctx.hcm.codec == "AUTO"
+        self._sniff: bytes | None = b"" if sniff_h2 else None
         self.handler = handler  # async (DownstreamStream) -> None
         hcm = ctx.hcm
         self.codec = Http1ServerConnection(max_header_bytes=hcm.max_request_headers_kb * 1024)
@@ -141,11 +173,41 @@ class Http1Downstream(asyncio.Protocol):
             self.start_drain()
 
     def data_received(self, data: bytes) -> None:
+        if self._sniff is not None:
+            buf = self._sniff + data
+            if buf.startswith(H2_PREFACE):
+                self._sniff = None
+                self._to_h2(buf)
+                return
+            if H2_PREFACE.startswith(buf):
+                self._sniff = buf  # a prefix of the preface (at most 23 bytes): wait
+                return
+            self._sniff = None
+            data = buf
         self._handle(self.codec.receive_data(data))
+
+    def _to_h2(self, first: bytes) -> None:
+        """h2c prior knowledge: the connection becomes an ``H2Downstream``."""
+        from isthmus.dataplane.http.downstream_h2 import H2Downstream
+
+        t = self.transport
+        assert t is not None
+        self.closed = True  # this protocol object is done; the connection is not
+        self._tracker.discard(self)
+        self._http_stats.add("downstream_cx_active", -1)
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        h2 = H2Downstream(self.ctx, self.handler, counted=True)
+        t.set_protocol(h2)
+        h2.connection_made(t)
+        if self._read_paused:
+            t.resume_reading()
+        h2.data_received(first)
 
     def eof_received(self) -> bool:
         self._handle(self.codec.receive_eof())
-        return True  # keep our side open to finish in-flight responses
+        return self.ctx.tls is None  # keep our side open (TCP only: TLS cannot half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
@@ -229,6 +291,7 @@ class Http1Downstream(asyncio.Protocol):
         st.task = self.ctx.proxy.spawn(self._run(st))
 
     async def _run(self, st: DownstreamStream) -> None:
+        current_request.set(st)
         try:
             await self.handler(st)
         except asyncio.CancelledError:
@@ -302,3 +365,23 @@ class Http1Downstream(asyncio.Protocol):
         self.codec.close()
         if not self.streams and self.transport is not None:
             self.transport.close()
+
+
+def make_downstream(ctx: ConnContext, handler: Any, protocol: str | None = None
+                    ) -> asyncio.Protocol:
+    """The HCM connection protocol for a new downstream connection.
+
+    ``protocol``: the negotiated application protocol (TLS ALPN ``"h2"``,
+    ``"http/1.1"``, ``"http/1.0"``; http_inspector's ``"h2c"``) or None when nothing
+    was negotiated (plaintext: the first bytes decide under codec_type AUTO). Use it as
+    ``loop.connect_accepted_socket(lambda: make_downstream(ctx, handler, alpn), sock)``
+    or with an ``ssl`` transport after the handshake.
+    """
+    codec = ctx.hcm.codec
+    if codec == "HTTP2" or (codec == "AUTO" and protocol in ("h2", "h2c")):
+        from isthmus.dataplane.http.downstream_h2 import H2Downstream
+
+        return H2Downstream(ctx, handler)
+    if codec == "HTTP1" or protocol in ("http/1.1", "http/1.0"):
+        return Http1Downstream(ctx, handler, sniff_h2=False)
+    return Http1Downstream(ctx, handler)

@@ -8,6 +8,16 @@ stay hot) with an idle timer, or closes it (max requests per connection reached,
 ``Connection: close``, error, retired pool). ``close_idle(retire=True)`` is called when
 the host leaves the cluster or the cluster is replaced: idle connections close at once,
 busy ones when their exchange ends (drain).
+
+``pool_for(cluster, address, port)`` is what the router asks for each attempt. A
+cluster's host entry (``HostPools``) holds an HTTP/1.1 pool and/or an HTTP/2 pool
+(``io.h2pool.H2Pool``, multiplexed); which one serves a request follows the cluster's
+upstream protocol (``h2pool.upstream_protocol``: ``http2_protocol_options``, or
+``HttpProtocolOptions`` explicit / ``use_downstream_protocol_config``). For
+"downstream" the request in flight is read from ``current_request`` (a ContextVar the
+downstream connections set in each stream's task), so the router's call stays
+``pool_for(cluster, address, port)``; ``protocol="http1"|"http2"`` overrides it.
+Upgrade/CONNECT requests always use HTTP/1.1 upstream (no extended CONNECT yet).
 Neighbours: ``io.upstream`` (connections), ``proxy.runtime.Cluster`` (owns pools and
 circuit breakers), ``http.router`` (acquire/release around each attempt).
 """
@@ -17,14 +27,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from contextvars import ContextVar
 from typing import Any
 
 from isthmus.dataplane.envoy.circuit_breakers import Resource
+from isthmus.dataplane.io.h2pool import H2Pool, PoolOverflow, upstream_protocol
 from isthmus.dataplane.io.upstream import Http1Upstream, UpstreamConnectError, connect, open_http1
 
-
-class PoolOverflow(Exception):
-    """Circuit breaker refused a connection or a pending request (response flag UO)."""
+#: The downstream stream (``http.downstream.DownstreamStream`` or
+#: ``http.downstream_h2.H2Stream``) whose task is running; None outside request handling.
+current_request: ContextVar[Any] = ContextVar("isthmus_current_request", default=None)
 
 
 class Http1Pool:
@@ -62,14 +74,14 @@ class Http1Pool:
             fut: asyncio.Future[Http1Upstream | None] = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
             try:
-                conn = await fut
+                handed = await fut
             finally:
                 res.release(Resource.PENDING_REQUESTS)
                 if fut in self._waiters:
                     self._waiters.remove(fut)
-            if conn is not None:
+            if handed is not None:
                 self.busy += 1
-                return conn
+                return handed
             # a connection slot freed up: open one
             if not res.try_acquire(Resource.CONNECTIONS):
                 raise PoolOverflow("max_connections")
@@ -80,7 +92,7 @@ class Http1Pool:
         stats.inc("upstream_cx_total")
         try:
             sock = await connect(self.address, self.port, self.connect_timeout)
-            conn = await open_http1(sock, self.key, self._lost)
+            conn = await open_http1(sock, self.key, self._lost, cluster=self.cluster)
         except UpstreamConnectError as exc:
             self.cluster.resources.release(Resource.CONNECTIONS)
             stats.inc("upstream_cx_connect_fail")
@@ -141,12 +153,61 @@ class Http1Pool:
             conn.close()
 
 
-def pool_for(cluster: Any, address: str, port: int) -> Http1Pool:
+class HostPools:
+    """A cluster host's pools: HTTP/1.1 and HTTP/2, each created on first use."""
+
+    __slots__ = ("address", "cluster", "h1", "h2", "port")
+
+    def __init__(self, cluster: Any, address: str, port: int) -> None:
+        self.cluster = cluster
+        self.address = address
+        self.port = port
+        self.h1: Http1Pool | None = None
+        self.h2: H2Pool | None = None
+
+    def http1(self) -> Http1Pool:
+        p = self.h1
+        if p is None:
+            p = self.h1 = Http1Pool(self.cluster, self.address, self.port)
+        return p
+
+    def http2(self) -> H2Pool:
+        p = self.h2
+        if p is None:
+            opts = upstream_protocol(self.cluster.config).h2
+            p = self.h2 = H2Pool(self.cluster, self.address, self.port, opts)
+        return p
+
+    def close_idle(self, retire: bool = False) -> None:
+        if self.h1 is not None:
+            self.h1.close_idle(retire)
+        if self.h2 is not None:
+            self.h2.close_idle(retire)
+
+
+def wants_http2(cluster: Any, protocol: str | None = None) -> bool:
+    """Whether this request goes upstream over HTTP/2 (pure decision)."""
+    if protocol is not None:
+        return protocol in ("http2", "h2", "2")
+    kind = upstream_protocol(cluster.config).kind
+    if kind == "http1":
+        return False
+    req = current_request.get()
+    if req is not None and req.upgrade is not None:
+        return False  # WebSocket/CONNECT: HTTP/1.1 upstream (no extended CONNECT yet)
+    if kind == "http2":
+        return True
+    return req is not None and req.head.http_version == b"2"  # use_downstream_protocol
+
+
+def pool_for(cluster: Any, address: str, port: int,
+             protocol: str | None = None) -> Http1Pool | H2Pool:
     key = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-    pool = cluster.pools.get(key)
-    if pool is None:
-        pool = cluster.pools[key] = Http1Pool(cluster, address, port)
-    return pool
+    hp = cluster.pools.get(key)
+    if hp is None:
+        hp = cluster.pools[key] = HostPools(cluster, address, port)
+    return hp.http2() if wants_http2(cluster, protocol) else hp.http1()
 
 
-__all__ = ["Http1Pool", "PoolOverflow", "pool_for"]
+__all__ = ["H2Pool", "HostPools", "Http1Pool", "PoolOverflow", "current_request", "pool_for",
+           "wants_http2"]
