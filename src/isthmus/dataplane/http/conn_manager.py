@@ -9,11 +9,19 @@ fault (delay/abort by percentage; a route's ``typed_per_filter_config`` override
 filter's own config, ``disabled`` skips it), cors (preflight answered here, response
 headers added for allowed origins), router (``http.router.forward``).
 Local replies carry Envoy's bodies and count ``response_flag``.
+
+Every exchange runs through a ``RecordingStream``: a thin wrapper around the codec's
+stream that notes what Envoy's StreamInfo would (status, body bytes both ways, response
+flags, upstream host/cluster, route name, gRPC status, timing). When the exchange ends
+(completed, locally answered, or the downstream went away: ``DC``) it goes to
+``Telemetry.http_done`` once: Istio metrics and the access log (DESIGN.md §7: plain
+numbers here, labels and text only when scraped or written).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -22,6 +30,7 @@ from isthmus.dataplane.http.downstream import DownstreamStream
 from isthmus.dataplane.http.router import forward, local_reply, route_local
 from isthmus.dataplane.proxy.runtime import random64
 from isthmus.dataplane.proxy.stats import status_class
+from isthmus.observability.access_log import code_details, flags_text
 
 HeaderMap = dict[str, Any]
 
@@ -47,7 +56,190 @@ def _first(v: Any) -> str:
     return v if isinstance(v, str) else (v[0] if v else "")
 
 
-async def handle_stream(st: DownstreamStream) -> None:
+_perf = time.perf_counter
+_wall = time.time
+_PROTOCOLS = {b"1.1": "HTTP/1.1", b"1.0": "HTTP/1.0", b"2": "HTTP/2", b"3": "HTTP/3"}
+
+
+class RecordingStream:
+    """A DownstreamStream as the filters see it, recording the exchange for telemetry and
+    the access log (Envoy's StreamInfo). Everything else forwards to the codec's stream."""
+
+    __slots__ = (
+        "_flags", "_st", "authority", "bytes_sent", "cluster_name", "code", "conn",
+        "duration_ms", "grpc_status", "hdict", "head", "listener_name", "method", "path",
+        "peer_principal", "request_protocol", "resp_headers", "route_name", "sid", "start",
+        "start_wall", "upstream_host", "bytes_received",
+    )
+
+    def __init__(self, st: DownstreamStream) -> None:
+        self._st = st
+        self.conn = st.conn
+        self.head = st.head
+        self.sid = st.sid
+        self.start = _perf()
+        self.start_wall = _wall()
+        self.code = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.duration_ms = 0.0
+        self._flags: list[str] = []
+        self.upstream_host = ""
+        self.cluster_name = ""
+        self.route_name = ""
+        self.listener_name = self.conn.ctx.listener.name
+        self.request_protocol = "http"
+        self.grpc_status = ""
+        self.resp_headers: list[tuple[bytes, bytes]] | None = None
+        self.hdict: HeaderMap = {}
+        self.method = self.path = self.authority = ""
+        self.peer_principal = ""
+
+    # -- the stream interface (forwarded) ----------------------------------------------------
+
+    @property
+    def body(self) -> Any:
+        return self._st.body
+
+    @property
+    def upgrade(self) -> bytes | None:
+        return self._st.upgrade
+
+    @property
+    def response_started(self) -> bool:
+        return self._st.response_started
+
+    @property
+    def done(self) -> bool:
+        return self._st.done
+
+    @property
+    def flags(self) -> str:
+        return ",".join(self._flags)
+
+    @flags.setter
+    def flags(self, value: str) -> None:
+        """The router sets its flag (``"UF"``) or the flags so far plus one (``"UF,URX"``):
+        flags accumulate, each once."""
+        if value:
+            cur = self._flags
+            if "," not in value:
+                if value not in cur:
+                    cur.append(value)
+                return
+            for f in value.split(","):
+                if f and f not in cur:
+                    cur.append(f)
+
+    def add_flag(self, flag: str) -> None:
+        self._flags.append(flag)
+
+    def send_informational(self, status: int) -> None:
+        self._st.send_informational(status)
+
+    def send_response(self, status: int, headers: list[tuple[bytes, bytes]],
+                      end_stream: bool) -> None:
+        self.code = status
+        self.resp_headers = headers
+        if self.request_protocol == "grpc":
+            for k, v in headers:
+                if k == b"grpc-status":
+                    self.grpc_status = v.decode("latin-1")
+        self._st.send_response(status, headers, end_stream)
+
+    def send_data(self, data: bytes, end_stream: bool) -> None:
+        self.bytes_sent += len(data)
+        self._st.send_data(data, end_stream)
+
+    def send_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        if self.request_protocol == "grpc":
+            for k, v in headers:
+                if k == b"grpc-status":
+                    self.grpc_status = v.decode("latin-1")
+        self._st.send_trailers(headers)
+
+    async def drain(self) -> None:
+        await self._st.drain()
+
+    def reset(self) -> None:
+        self._st.reset()
+
+    def __getattr__(self, name: str) -> Any:  # anything a codec's stream adds later
+        return getattr(self._st, name)
+
+    # -- the record (access log operators) ---------------------------------------------------
+
+    @property
+    def protocol(self) -> str:
+        return _PROTOCOLS.get(self.head.http_version, "HTTP/1.1")
+
+    @property
+    def downstream_local(self) -> tuple[str, int]:
+        return self.conn.ctx.local  # type: ignore[no-any-return]
+
+    @property
+    def downstream_remote(self) -> tuple[str, int]:
+        return self.conn.ctx.remote  # type: ignore[no-any-return]
+
+    server_name = ""
+
+    def flags_text(self) -> str:
+        f = self._flags
+        if not f:
+            return "-"
+        return f[0] if len(f) == 1 else flags_text(f)
+
+    def code_details(self) -> str:
+        return code_details(self._flags, self.code, bool(self.upstream_host))
+
+    def req(self, name: str) -> str | None:
+        if name[0] == ":":
+            if name == ":method":
+                return self.method
+            if name == ":path":
+                return self.path
+            if name == ":authority":
+                return self.authority
+            return None
+        v = self.hdict.get(name)
+        return _first(v) if v is not None else None
+
+    def resp(self, name: str) -> str | None:
+        hs = self.resp_headers
+        if not hs:
+            return None
+        nb = name.encode("latin-1")
+        for k, v in reversed(hs):
+            if k == nb:
+                return v.decode("latin-1")
+        return None
+
+
+async def handle_stream(raw: DownstreamStream) -> None:
+    st = RecordingStream(raw)
+    tel = getattr(raw.conn.ctx.proxy, "telemetry", None)
+    try:
+        await _handle(st)
+    except asyncio.CancelledError:
+        if not raw.done:
+            st.add_flag("DC")
+        raise
+    except BaseException:
+        if not raw.response_started:
+            st.code = 500
+        raise
+    finally:
+        st.duration_ms = (_perf() - st.start) * 1000.0
+        body = raw.body
+        if body is not None:
+            st.bytes_received = body.consumed
+        if not raw.done and not st._flags:
+            st.add_flag("DC")
+        if tel is not None:
+            tel.http_done(st)
+
+
+async def _handle(st: Any) -> None:
     conn = st.conn
     ctx = conn.ctx
     hcm = ctx.hcm
@@ -59,6 +251,11 @@ async def handle_stream(st: DownstreamStream) -> None:
     path = head.path.decode("latin-1")
     method = head.method.decode("latin-1")
     scheme = head.scheme.decode("latin-1") or "http"
+    st.hdict = hdict
+    st.method, st.path, st.authority = method, path, authority
+    ct = hdict.get("content-type")
+    if ct is not None and _first(ct).startswith("application/grpc"):
+        st.request_protocol = "grpc"
     if hcm.generate_request_id and "x-request-id" not in hdict:
         hdict["x-request-id"] = str(uuid.uuid4())
     if "x-forwarded-proto" not in hdict:
@@ -80,6 +277,8 @@ async def handle_stream(st: DownstreamStream) -> None:
         hs.inc("no_route")
         await _reply(st, 404, b"", "NR")
         return
+    st.route_name = decision.route.name
+    st.cluster_name = decision.cluster or ""
     extra: list[tuple[bytes, bytes]] = []
     for f in hcm.http_filters:
         kind = f.kind
@@ -93,6 +292,7 @@ async def handle_stream(st: DownstreamStream) -> None:
             fd = policy.evaluate(random64(), random64())
             if fd.delay_s:
                 hs.inc("fault.delays_injected")
+                st.add_flag("DI")
                 await asyncio.sleep(fd.delay_s)
             if fd.abort_status is not None:
                 hs.inc("fault.aborts_injected")
@@ -119,11 +319,11 @@ async def handle_stream(st: DownstreamStream) -> None:
             return
 
 
-async def _reply(st: DownstreamStream, status: int, body: bytes, flag: str) -> None:
+async def _reply(st: Any, status: int, body: bytes, flag: str) -> None:
     local_reply(st, status, body, flag)
 
 
-def _cors(st: DownstreamStream, cors: CorsPolicy, method: str, hdict: HeaderMap,
+def _cors(st: Any, cors: CorsPolicy, method: str, hdict: HeaderMap,
           extra: list[tuple[bytes, bytes]]) -> bool:
     """Envoy's CORS filter; True when it answered (preflight)."""
     origin = _first(hdict.get("origin"))
@@ -153,4 +353,4 @@ def _cors(st: DownstreamStream, cors: CorsPolicy, method: str, hdict: HeaderMap,
     return False
 
 
-__all__ = ["handle_stream", "header_map", "status_class"]
+__all__ = ["RecordingStream", "handle_stream", "header_map", "status_class"]

@@ -37,6 +37,10 @@ class ProxyCore:
         self.connections: set[Any] = set()
         self.draining = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        from isthmus.observability import Telemetry  # metrics + access log (observability)
+
+        self.telemetry = Telemetry()
+        self.telemetry.attach_clusters(self.manager.clusters)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -83,7 +87,9 @@ class Proxy:
     def __init__(self, xds_address: str, node: Any, *, mode: str = "sotw",
                  admin_port: int | None = 15000, admin_host: str = "127.0.0.1",
                  drain_timeout: float = 5.0, initial_fetch_timeout: float = 15.0,
-                 backoff: Any = None, core: ProxyCore | None = None) -> None:
+                 backoff: Any = None, core: ProxyCore | None = None,
+                 health_port: int | None = None, stats_port: int | None = None,
+                 aux_host: str = "0.0.0.0", access_log: Any = None) -> None:
         from isthmus.dataplane.xds import AdsClient
 
         self.core = core or ProxyCore()
@@ -97,6 +103,13 @@ class Proxy:
         self.admin: Any = None
         self.stopped = asyncio.Event()
         self.workers: Any = None  # proxy.workers.WorkerPool when --concurrency > 1
+        # observability: 15021 /healthz/ready and 15090 /stats/prometheus (started with
+        # the admin server), node labels for Istio metrics, optional access log sink
+        self.health_port, self.stats_port, self.aux_host = health_port, stats_port, aux_host
+        self.core.telemetry.set_node(node)
+        self.core.telemetry.attach_xds(self.client.state)
+        if access_log is not None:
+            self.core.telemetry.set_access_log(access_log)
 
     @property
     def manager(self) -> RuntimeManager:
@@ -133,6 +146,7 @@ class Proxy:
             await self.workers.stop(self.drain_timeout)
         if self.admin is not None:
             await self.admin.stop()
+        self.core.telemetry.close()
 
 
 __all__ = ["Proxy", "ProxyCore"]

@@ -4,7 +4,9 @@ Code that counts holds a ``Scope`` (``stats.scope("cluster.outbound|80||a.")``) 
 ``scope.inc("upstream_rq_total")``: one dict update, no label sets. Names follow Envoy's
 (``cluster.<name>.upstream_rq_2xx``, ``listener.<addr>.downstream_cx_total``,
 ``http.<stat_prefix>.downstream_rq_total``); the admin (``proxy/admin.py``) renders them
-as text when scraped. Gauges (``set``/``add``) share the same store.
+as text when scraped. Gauges (``set``/``add``) share the same store. ``Stats`` remembers
+the prefixes scopes were made for (``prefixes()``), so ``/stats/prometheus`` can split a
+dotted cluster name from the stat name the way Envoy's tag extraction does.
 Neighbours: ``proxy.runtime`` (cluster scopes), ``io.listeners``, ``http.conn_manager``.
 """
 
@@ -17,10 +19,11 @@ from collections.abc import Iterator
 class Stats:
     """A flat registry of named integers."""
 
-    __slots__ = ("_values",)
+    __slots__ = ("_prefixes", "_values")
 
     def __init__(self) -> None:
         self._values: defaultdict[str, int] = defaultdict(int)
+        self._prefixes: set[str] = set()
 
     def inc(self, name: str, n: int = 1) -> None:
         self._values[name] += n
@@ -32,14 +35,27 @@ class Stats:
         return self._values.get(name, 0)
 
     def scope(self, prefix: str) -> Scope:
-        return Scope(self, prefix)
+        sc = Scope(self, prefix)
+        self._prefixes.add(sc.prefix)
+        return sc
+
+    def prefixes(self) -> frozenset[str]:
+        """Every scope prefix handed out (``cluster.<name>.``, ``http.<prefix>.``, ...)."""
+        return frozenset(self._prefixes)
 
     def items(self) -> Iterator[tuple[str, int]]:
         return iter(sorted(self._values.items()))
 
-    def text(self) -> str:
-        """Envoy's ``/stats`` text: ``name: value`` per line, sorted."""
-        return "".join(f"{k}: {v}\n" for k, v in self.items())
+    def text(self, name_filter: str | None = None) -> str:
+        """Envoy's ``/stats`` text: ``name: value`` per line, sorted; ``name_filter`` is a
+        regular expression searched in the name (Envoy's ``?filter=``)."""
+        items = self.items()
+        if name_filter:
+            import re
+
+            rx = re.compile(name_filter)
+            items = iter([(k, v) for k, v in items if rx.search(k)])
+        return "".join(f"{k}: {v}\n" for k, v in items)
 
 
 class Scope:
