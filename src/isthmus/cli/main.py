@@ -28,6 +28,8 @@ COMMANDS: dict[str, str] = {
     "status": "isthmus.cli.runtime:status",
     "exec": "isthmus.cli.runtime:exec_cmd",
     "logs": "isthmus.cli.runtime:logs",
+    "ca": "isthmus.cli.ca:ca",
+    "agent": "isthmus.cli.agent:agent",
 }
 
 
