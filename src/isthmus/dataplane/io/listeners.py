@@ -17,10 +17,17 @@ Per accepted connection (``_serve``), in Envoy's order:
      ``listener_filters_timeout``, after which it continues as raw TCP when
      ``continue_on_listener_filters_timeout`` (server-first protocols do not stall);
   4. filter chain selection (``envoy.filter_chain``); no chain: close;
-  5. tcp_proxy: weighted cluster pick, host from the cluster's LB (ORIGINAL_DST: the
+  5. a chain with a DownstreamTlsContext terminates TLS (``io.tls.terminate``: the
+     chain's certificate — the SNI already chose the chain —, client certificate and SAN
+     checks, handshake bounded by ``transport_socket_connect_timeout``, default 10 s);
+     failures close the connection and count ``listener.<addr>.ssl.*``;
+  6. tcp_proxy: weighted cluster pick, host from the cluster's LB (ORIGINAL_DST: the
      original destination; BlackHoleCluster / no host: close), connect with the
-     cluster's connect_timeout, then the splice relay (``io.relay``) with idle_timeout;
-     HCM: an ``Http1Downstream`` protocol on the socket.
+     cluster's connect_timeout, TLS origination when the cluster's transport socket for
+     that host is TLS; then the splice relay (``io.relay``) with idle_timeout when both
+     sides are plain, else the transport relay (``io.tls.relay_transports``);
+     HCM: an ``Http1Downstream`` protocol on the socket or the TLS transport, whose
+     ``ConnContext`` carries the negotiated ALPN and ``TlsInfo``.
 """
 
 from __future__ import annotations
@@ -41,8 +48,13 @@ from isthmus.dataplane.io.sockopts import (
     recover_original_dst,
     set_transparent,
 )
-from isthmus.dataplane.io.upstream import UpstreamConnectError, connect
-from isthmus.dataplane.proxy.config import CompiledListener, TcpProxyConfig
+from isthmus.dataplane.io.upstream import UpstreamConnectError, connect, originate_tls
+from isthmus.dataplane.proxy.config import (
+    CompiledListener,
+    FilterChain,
+    TcpProxyConfig,
+    TlsContextConfig,
+)
 from isthmus.dataplane.sansio import detect
 
 log = logging.getLogger(__name__)
@@ -51,6 +63,15 @@ BACKLOG = 1024
 ACCEPTS_PER_EVENT = 64
 PEEK_BYTES = 4096
 PEEK_POLL_S = 0.005
+#: ALPN protocols the HTTP connection manager can serve over TLS; a chain's ALPN list is
+#: filtered to these ("h2" too once ``http.downstream.make_downstream`` exists)
+HCM_TLS_ALPN: frozenset[str] = frozenset({"http/1.1", "http/1.0"})
+_TLS_STATS = {"san": "ssl.fail_verify_san", "no_certificate": "ssl.fail_verify_no_cert",
+              "cert_expired": "ssl.fail_verify_error", "self_signed": "ssl.fail_verify_error",
+              "self_signed_chain": "ssl.fail_verify_error",
+              "untrusted_ca": "ssl.fail_verify_error", "verify": "ssl.fail_verify_error",
+              "cert_not_yet_valid": "ssl.fail_verify_error",
+              "timeout": "ssl.handshake_timeout"}
 
 
 # --------------------------------------------------------------------------- TLS peek
@@ -328,10 +349,10 @@ class ListenerManager:
             if chain is None:
                 stats.inc(f"listener.{lis.address}_{lis.port}.no_filter_chain_match")
                 return
-            if chain.tls:
-                stats.inc(f"listener.{lis.address}_{lis.port}.downstream_tls_unsupported")
-                log.warning("listener %s chain %r needs TLS termination, which is not "
-                            "implemented yet; closing", target.name, chain.name)
+            if chain.tls is not None:
+                handed = True  # the TLS path owns the socket from here on
+                await self._serve_tls(lis, target, chain, chain.tls, sock, local, remote_a,
+                                      dst, d, insp.sni)
                 return
             if chain.tcp_proxy is not None:
                 await self._tcp_proxy(chain.tcp_proxy, sock, d)
@@ -350,8 +371,73 @@ class ListenerManager:
             if not handed:
                 sock.close()
 
+    async def _serve_tls(self, lis: CompiledListener, target: CompiledListener,
+                         chain: FilterChain, tls: TlsContextConfig, sock: socket.socket,
+                         local: tuple[str, int], remote: tuple[str, int],
+                         dst: tuple[str, int] | None, d: tuple[str, int], sni: str) -> None:
+        """Terminate TLS with the chain's context, then tcp_proxy or the HCM."""
+        from isthmus.dataplane.io import tls as tlsio
+
+        core = self.core
+        lstats = core.stats.scope(f"listener.{lis.address}_{lis.port}.")
+        peer = f"{remote[0]}:{remote[1]}"
+        if chain.tcp_proxy is not None:
+            pipe = tlsio.new_pipe()
+            try:
+                await tlsio.terminate(sock, tls, peer, lambda info: pipe,
+                                      chain.handshake_timeout_s, sni=sni)
+            except tlsio.TlsHandshakeError as exc:
+                self._tls_failed(lstats, exc)
+                return
+            lstats.inc("ssl.handshake")
+            await self._tcp_proxy(chain.tcp_proxy, sock, d, down_pipe=pipe)
+            return
+        assert chain.hcm is not None
+        from isthmus.dataplane.http import downstream
+        from isthmus.dataplane.http.conn_manager import handle_stream
+
+        hcm = chain.hcm
+        make = getattr(downstream, "make_downstream", None)
+
+        def choose(info: Any) -> asyncio.Protocol:
+            ctx = downstream.ConnContext(core, target, hcm, local, remote, dst)
+            ctx.alpn = info.alpn
+            ctx.tls = info
+            if make is not None:  # picks HTTP/2 for ALPN h2
+                return make(ctx, handle_stream, info.alpn or None)  # type: ignore[no-any-return]
+            return downstream.Http1Downstream(ctx, handle_stream)
+
+        served = HCM_TLS_ALPN | ({"h2"} if make is not None else set())
+        alpn = tuple(p for p in tls.alpn if p in served)
+        try:
+            await tlsio.terminate(sock, tls, peer, choose, chain.handshake_timeout_s,
+                                  alpn=alpn, sni=sni)
+        except tlsio.TlsHandshakeError as exc:
+            self._tls_failed(lstats, exc)
+            return
+        lstats.inc("ssl.handshake")
+
+    @staticmethod
+    def _tls_failed(lstats: Any, exc: Any) -> None:
+        lstats.inc("ssl.connection_error")
+        extra = _TLS_STATS.get(exc.reason)
+        if extra:
+            lstats.inc(extra)
+        log.debug("%s", exc)
+
     async def _tcp_proxy(self, tp: TcpProxyConfig, sock: socket.socket,
-                         dst: tuple[str, int]) -> None:
+                         dst: tuple[str, int], down_pipe: Any = None) -> None:
+        """tcp_proxy from ``sock`` (plain) or ``down_pipe`` (a terminated TLS downstream,
+        whose transport owns the socket)."""
+        try:
+            await self._tcp_proxy_inner(tp, sock, dst, down_pipe)
+        finally:
+            if down_pipe is not None and down_pipe.transport is not None \
+                    and not down_pipe.lost:
+                down_pipe.transport.abort()
+
+    async def _tcp_proxy_inner(self, tp: TcpProxyConfig, sock: socket.socket,
+                               dst: tuple[str, int], down_pipe: Any) -> None:
         from isthmus.dataplane.proxy.runtime import random64
 
         core = self.core
@@ -378,32 +464,68 @@ class ListenerManager:
             return
         try:
             cs.inc("upstream_cx_total")
+            cfg = cluster.config
+            up_tls = cfg.transport_for(host) if (
+                cfg.tls is not None or cfg.transport_socket_matches) else None
+            key = f"{host_addr[0]}:{host_addr[1]}"
             up = None
+            up_pipe = None
             for attempt in range(tp.max_connect_attempts):
                 try:
                     up = await connect(host_addr[0], host_addr[1],
                                        cluster.config.connect_timeout_s, core.mark)
+                    if up_tls is not None:
+                        from isthmus.dataplane.io import tls as tlsio
+
+                        up_pipe = tlsio.new_pipe()
+                        s_up, up = up, None  # the TLS transport owns it now
+                        await originate_tls(s_up, up_tls, key, lambda: up_pipe,
+                                            cfg.connect_timeout_s, cs)
                     break
                 except UpstreamConnectError as exc:
+                    up_pipe = None
                     cs.inc("upstream_cx_connect_fail")
                     if exc.reason == "timeout":
                         cs.inc("upstream_cx_connect_timeout")
                     if host is not None:
                         cluster.record(host, LocalOrigin.CONNECT_FAILED)
-            if up is None:
+            if up is None and up_pipe is None:
                 return
             if host is not None:
                 cluster.record(host, LocalOrigin.CONNECT_SUCCESS_FINAL)
             cs.add("upstream_cx_active", 1)
             try:
-                st = await relay(sock, up, idle_timeout=tp.idle_timeout_s)
+                if up_pipe is None and down_pipe is None:
+                    assert up is not None
+                    st: Any = await relay(sock, up, idle_timeout=tp.idle_timeout_s)
+                else:
+                    st = await self._relay_tls(sock, up, down_pipe, up_pipe, tp)
                 cs.inc("upstream_cx_tx_bytes_total", st.upstream_bytes)
                 cs.inc("upstream_cx_rx_bytes_total", st.downstream_bytes)
             finally:
                 cs.add("upstream_cx_active", -1)
-                up.close()
+                if up is not None:
+                    up.close()
+                if up_pipe is not None and up_pipe.transport is not None and not up_pipe.lost:
+                    up_pipe.transport.abort()
         finally:
             res.release(Resource.CONNECTIONS)
+
+    @staticmethod
+    async def _relay_tls(sock: socket.socket, up: socket.socket | None, down_pipe: Any,
+                         up_pipe: Any, tp: TcpProxyConfig) -> Any:
+        """The transport relay: at least one side is TLS; a plain side becomes a
+        transport too (its socket then belongs to that transport)."""
+        from isthmus.dataplane.io import tls as tlsio
+
+        if down_pipe is None:
+            down_pipe = tlsio.new_pipe()
+            await tlsio.plain_pipe(sock, down_pipe)
+        if up_pipe is None:
+            assert up is not None
+            up_pipe = tlsio.new_pipe()
+            await tlsio.plain_pipe(up, up_pipe)
+        return await tlsio.relay_transports(down_pipe, up_pipe, idle_timeout=tp.idle_timeout_s)
 
 
 def _addr(a: Any) -> tuple[str, int]:

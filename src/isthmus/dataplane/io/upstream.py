@@ -1,8 +1,18 @@
-"""Upstream connections: TCP connect with a timeout, and one HTTP/1.1 client connection.
+"""Upstream connections: TCP connect with a timeout, TLS origination, and one HTTP/1.1
+client connection.
 
 ``connect(host, port, timeout)`` returns a connected non-blocking socket or raises
 ``UpstreamConnectError`` (``reason`` "timeout" / "refused" / the errno text), which the
 router maps to Envoy's UF response flag and the tcp_proxy to a closed downstream.
+
+``open_http1(sock, key, on_lost, cluster=...)`` originates TLS when the cluster's
+transport socket for that host (``ClusterConfig.transport_for``: ``transport_socket`` or
+the ``transport_socket_matches`` entry the endpoint's ``envoy.transport_socket_match``
+metadata selects) is TLS: SNI and ALPN from the context (``h2`` is not offered on an
+HTTP/1.1 connection), chain verification, then the SAN check (``io.tls``). A failed
+handshake raises ``UpstreamTlsError`` (an ``UpstreamConnectError``: 503 UF), is logged
+with its cause and counted as the cluster's ``ssl.connection_error`` /
+``ssl.fail_verify_san`` / ``ssl.fail_verify_error`` / ``ssl.fail_verify_no_cert``.
 
 ``Http1Upstream`` is an asyncio Protocol around the sans-IO ``Http1ClientConnection``:
 ``send_request`` / ``send_data`` queue bytes and write them, ``next_event()`` awaits the
@@ -15,15 +25,20 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import socket
+import time
 from collections import deque
 from typing import Any
 
 from isthmus.dataplane.sansio.events import ConnectionClosed, Data, Event, StreamReset
 from isthmus.dataplane.sansio.http1 import Http1ClientConnection
 
+log = logging.getLogger(__name__)
+
 READ_HIGH = 1 << 20
+TLS_LOG_INTERVAL_S = 10.0  # one log line per (host, cause) per interval
 
 
 class UpstreamConnectError(Exception):
@@ -31,6 +46,75 @@ class UpstreamConnectError(Exception):
         self.address = address
         self.reason = reason
         super().__init__(f"connection to {address} failed: {reason}")
+
+
+class UpstreamTlsError(UpstreamConnectError):
+    """The TCP connection was made but TLS failed (handshake, verification, SAN, config).
+    ``reason`` is "tls"; ``cause`` the short cause (san, cert_expired, untrusted_ca, …)."""
+
+    def __init__(self, address: str, message: str, cause: str) -> None:
+        super().__init__(address, "tls")
+        self.cause = cause
+        self.message = message
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_SSL_STAT = {"san": "ssl.fail_verify_san", "no_certificate": "ssl.fail_verify_no_cert",
+             "cert_expired": "ssl.fail_verify_error", "self_signed": "ssl.fail_verify_error",
+             "self_signed_chain": "ssl.fail_verify_error", "untrusted_ca":
+             "ssl.fail_verify_error", "verify": "ssl.fail_verify_error",
+             "cert_not_yet_valid": "ssl.fail_verify_error"}
+_last_logged: dict[tuple[str, str], float] = {}
+
+
+def note_tls_failure(stats: Any, address: str, message: str, cause: str) -> None:
+    """Count a TLS failure on ``stats`` (a cluster scope or None) and log it, rate-limited
+    per (address, cause)."""
+    if stats is not None:
+        stats.inc("ssl.connection_error")
+        extra = _SSL_STAT.get(cause)
+        if extra:
+            stats.inc(extra)
+    now = time.monotonic()
+    k = (address, cause)
+    if now - _last_logged.get(k, -TLS_LOG_INTERVAL_S) >= TLS_LOG_INTERVAL_S:
+        _last_logged[k] = now
+        if len(_last_logged) > 4096:
+            _last_logged.clear()
+        log.warning("%s", message)
+
+
+def transport_for(cluster: Any, key: str) -> Any:
+    """The TlsContextConfig (or None) for connections from ``cluster`` to host ``key``."""
+    cfg = cluster.config
+    if cfg.tls is None and not cfg.transport_socket_matches:
+        return None
+    return cfg.transport_for(cluster.by_key.get(key))
+
+
+def http1_alpn(alpn: tuple[str, ...]) -> tuple[str, ...]:
+    """ALPN an HTTP/1.1 connection may offer: everything configured but ``h2``."""
+    return tuple(p for p in alpn if p != "h2") if "h2" in alpn else alpn
+
+
+async def originate_tls(sock: socket.socket, tls: Any, key: str, factory: Any,
+                        timeout: float | None, stats: Any = None,
+                        alpn: tuple[str, ...] | None = None) -> tuple[Any, Any, Any]:
+    """TLS on connected ``sock`` toward host ``key``: (transport, protocol, TlsInfo).
+    Raises UpstreamTlsError (counted and logged)."""
+    from isthmus.dataplane.io.tls import TlsHandshakeError, originate
+
+    try:
+        out = await originate(sock, tls, key, factory, timeout, alpn=alpn)
+    except TlsHandshakeError as exc:
+        note_tls_failure(stats, key, str(exc), exc.reason)
+        raise UpstreamTlsError(key, str(exc), exc.reason) from None
+    if stats is not None:
+        stats.inc("ssl.handshake")
+    return out
 
 
 async def connect(host: str, port: int, timeout: float | None,
@@ -79,6 +163,7 @@ class Http1Upstream(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._on_lost = on_lost
         self.tunnel = False
+        self.tls: Any = None  # io.tls.TlsInfo when the connection is TLS
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -199,10 +284,27 @@ class Http1Upstream(asyncio.Protocol):
             d.set_result(None)
 
 
-async def open_http1(sock: socket.socket, key: str, on_lost: Any = None) -> Http1Upstream:
+async def open_http1(sock: socket.socket, key: str, on_lost: Any = None,
+                     cluster: Any = None) -> Http1Upstream:
+    """An Http1Upstream on connected ``sock``; with ``cluster``, TLS is originated when
+    the cluster's transport socket for host ``key`` says so (raises UpstreamTlsError)."""
     loop = asyncio.get_running_loop()
+    tls = transport_for(cluster, key) if cluster is not None else None
+    if tls is not None:
+        # on_lost only once the connection is accepted: a refused peer is the pool's
+        # connect failure, not a lost connection
+        _, proto, info = await originate_tls(
+            sock, tls, key, lambda: Http1Upstream(key), cluster.config.connect_timeout_s,
+            cluster.stats, http1_alpn(tls.alpn))
+        proto.tls = info
+        proto._on_lost = on_lost
+        if proto.closed and on_lost is not None:  # lost between handshake and now
+            proto._on_lost = None
+            on_lost(proto)
+        return proto  # type: ignore[no-any-return]
     _, proto = await loop.create_connection(lambda: Http1Upstream(key, on_lost), sock=sock)
     return proto  # type: ignore[return-value]
 
 
-__all__ = ["Http1Upstream", "UpstreamConnectError", "connect", "open_http1"]
+__all__ = ["Http1Upstream", "UpstreamConnectError", "UpstreamTlsError", "connect",
+           "http1_alpn", "note_tls_failure", "open_http1", "originate_tls", "transport_for"]

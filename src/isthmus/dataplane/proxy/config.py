@@ -10,6 +10,14 @@ for anything the proxy cannot carry out, so the xDS client NACKs and keeps the o
   compile_endpoints ClusterLoadAssignment -> tuple[HostSpec, ...]
   compile_routes    RouteConfiguration -> RouteTable (``envoy.routes``)
 
+TLS transport sockets (``envoy.transport_sockets.tls``) compile to ``TlsContextConfig``:
+data only (certificate and CA *sources*: inline PEM, a file name, or an SDS secret name;
+SAN matchers; ALPN; versions; ciphers). Nothing is read here: ``io.certs`` resolves the
+sources (files, or SDS names through the process's ``SecretProvider``) and ``io.tls``
+builds and caches ``ssl.SSLContext``s per config. A cluster's ``transport_socket_matches``
+become ``TransportSocketMatch``es chosen per host by the endpoint metadata
+``envoy.transport_socket_match`` (``ClusterConfig.transport_for(host)``).
+
 Neighbours: ``envoy.*`` (route/filter-chain/LB/CB/outlier compilers reused here),
 ``proxy.runtime`` (assembles these into a Runtime snapshot and a ClusterManager).
 """
@@ -31,6 +39,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from isthmus.dataplane.envoy._proto import Ctx, duration_s, join, opt_duration_s, wrapped
@@ -38,6 +47,7 @@ from isthmus.dataplane.envoy.circuit_breakers import CircuitBreakers, Thresholds
 from isthmus.dataplane.envoy.errors import ConfigRejected
 from isthmus.dataplane.envoy.filter_chain import FilterChainMatcher
 from isthmus.dataplane.envoy.lb import LbConfig
+from isthmus.dataplane.envoy.matchers import compile_pattern
 from isthmus.dataplane.envoy.outlier import OutlierConfig
 from isthmus.dataplane.envoy.routes import FaultPolicy, RouteTable
 
@@ -47,6 +57,12 @@ TCP_PROXY_URL = _T + tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
 FAULT_URL = _T + fault_pb2.HTTPFault.DESCRIPTOR.full_name
 CORS_URL = _T + cors_pb2.Cors.DESCRIPTOR.full_name
 ROUTER_URL = _T + router_pb2.Router.DESCRIPTOR.full_name
+UPSTREAM_TLS_URL = _T + tls_pb2.UpstreamTlsContext.DESCRIPTOR.full_name
+DOWNSTREAM_TLS_URL = _T + tls_pb2.DownstreamTlsContext.DESCRIPTOR.full_name
+RAW_BUFFER_URL = _T + "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
+TLS_SOCKET = "envoy.transport_sockets.tls"
+RAW_BUFFER_SOCKET = "envoy.transport_sockets.raw_buffer"
+TRANSPORT_SOCKET_MATCH_KEY = "envoy.transport_socket_match"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 LISTENER_FILTERS = {
@@ -65,6 +81,273 @@ _LISTENER_FILTER_URLS = {
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_LISTENER_FILTERS_TIMEOUT_S = 15.0
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclass(frozen=True, slots=True)
+class DataSource:
+    """Where PEM bytes come from: ``file`` (a path, read when a context is built) or
+    ``inline`` (the bytes themselves)."""
+
+    kind: str  # file | inline
+    value: str | bytes
+
+    def describe(self) -> str:
+        return str(self.value) if self.kind == "file" else "<inline>"
+
+
+@dataclass(frozen=True, slots=True)
+class SanMatcher:
+    """One ``match_typed_subject_alt_names`` entry (``san_type`` DNS/URI/EMAIL/IP_ADDRESS)
+    or a legacy ``match_subject_alt_names`` StringMatcher (``san_type`` "": any SAN)."""
+
+    san_type: str  # "" | DNS | URI | EMAIL | IP_ADDRESS
+    kind: str  # exact | prefix | suffix | contains | safe_regex
+    value: str  # lowered when ignore_case; the RE2 pattern for safe_regex
+    ignore_case: bool = False
+
+    def describe(self) -> str:
+        t = f"{self.san_type} " if self.san_type else ""
+        return f"{t}{self.kind} {self.value!r}"
+
+
+# TlsParameters.TlsProtocol: TLS_AUTO=0, TLSv1_0..TLSv1_3 = 1..4
+TLS_AUTO, TLS_V1_0, TLS_V1_1, TLS_V1_2, TLS_V1_3 = 0, 1, 2, 3, 4
+
+
+@dataclass(frozen=True, slots=True)
+class TlsContextConfig:
+    """A compiled Upstream/DownstreamTlsContext (``server`` tells which)."""
+
+    server: bool
+    cert_chain: DataSource | None = None  # tls_certificates[0]
+    private_key: DataSource | None = None
+    cert_sds: str = ""  # tls_certificate_sds_secret_configs[0].name
+    trusted_ca: DataSource | None = None
+    ca_sds: str = ""  # validation_context_sds_secret_config.name
+    san_matchers: tuple[SanMatcher, ...] = ()
+    alpn: tuple[str, ...] = ()
+    sni: str = ""  # upstream only
+    min_version: int = TLS_AUTO
+    max_version: int = TLS_AUTO
+    cipher_suites: tuple[str, ...] = ()
+    ecdh_curves: tuple[str, ...] = ()
+    require_client_cert: bool = False  # downstream only
+    allow_expired: bool = False
+
+    @property
+    def has_certificate(self) -> bool:
+        return self.cert_chain is not None or bool(self.cert_sds)
+
+    @property
+    def verifies_peer(self) -> bool:
+        """A trust anchor is configured: the peer's chain must verify against it."""
+        return self.trusted_ca is not None or bool(self.ca_sds)
+
+
+@dataclass(frozen=True, slots=True)
+class TransportSocketMatch:
+    """``Cluster.transport_socket_matches[i]``: hosts whose ``envoy.transport_socket_match``
+    metadata contains every ``match`` entry use ``tls`` (None: raw_buffer)."""
+
+    name: str
+    match: tuple[tuple[str, str], ...]
+    tls: TlsContextConfig | None
+
+
+def _struct_items(st: Any) -> tuple[tuple[str, str], ...]:
+    """A metadata Struct flattened to sorted (key, typed text) pairs for subset matching."""
+    out = []
+    for k, v in st.fields.items():
+        kind = v.WhichOneof("kind")
+        if kind == "string_value":
+            text = "s:" + v.string_value
+        elif kind == "bool_value":
+            text = "b:" + ("true" if v.bool_value else "false")
+        elif kind == "number_value":
+            text = f"n:{v.number_value!r}"
+        elif kind == "null_value" or kind is None:
+            text = "null"
+        else:
+            text = "x:" + v.SerializeToString(deterministic=True).hex()
+        out.append((k, text))
+    return tuple(sorted(out))
+
+
+def _data_source(ctx: Ctx, ds: Any, path: str) -> DataSource:
+    which = ds.WhichOneof("specifier")
+    if which == "filename":
+        if not ds.filename:
+            ctx.reject(join(path, "filename"), "must not be empty")
+        return DataSource("file", ds.filename)
+    if which == "inline_bytes":
+        return DataSource("inline", bytes(ds.inline_bytes))
+    if which == "inline_string":
+        return DataSource("inline", ds.inline_string.encode())
+    ctx.reject(path, f"data source {which or 'unset'!r} is not supported (use filename, "
+                     "inline_bytes or inline_string)")
+
+
+_SAN_TYPES = {1: "EMAIL", 2: "DNS", 3: "URI", 4: "IP_ADDRESS"}
+
+
+def _string_matcher(ctx: Ctx, m: Any, san_type: str, path: str) -> SanMatcher:
+    ctx.only(m, {"exact", "prefix", "suffix", "contains", "safe_regex", "ignore_case"}, path)
+    which = m.WhichOneof("match_pattern")
+    if which is None:
+        ctx.reject(path, "StringMatcher needs one of exact/prefix/suffix/contains/safe_regex")
+    if which == "safe_regex":
+        ctx.only(m.safe_regex, {"regex", "google_re2"}, join(path, "safe_regex"))
+        compile_pattern(ctx, m.safe_regex.regex, join(path, "safe_regex.regex"))
+        return SanMatcher(san_type, "safe_regex", m.safe_regex.regex)
+    value = getattr(m, which)
+    if which != "exact" and not value:
+        ctx.reject(join(path, which), f"{which} must not be empty")
+    return SanMatcher(san_type, which, value.lower() if m.ignore_case else value, m.ignore_case)
+
+
+_VALIDATION_FIELDS = {"trusted_ca", "match_typed_subject_alt_names", "match_subject_alt_names",
+                      "allow_expired_certificate", "trust_chain_verification"}
+
+
+def _validation(ctx: Ctx, vc: Any, path: str
+                ) -> tuple[DataSource | None, tuple[SanMatcher, ...], bool]:
+    ctx.only(vc, _VALIDATION_FIELDS, path)
+    ca = _data_source(ctx, vc.trusted_ca, join(path, "trusted_ca")) \
+        if vc.HasField("trusted_ca") else None
+    if vc.trust_chain_verification != 0:  # ACCEPT_UNTRUSTED
+        ctx.reject(join(path, "trust_chain_verification"),
+                   "only VERIFY_TRUST_CHAIN is supported")
+    sans: list[SanMatcher] = []
+    for i, t in enumerate(vc.match_typed_subject_alt_names):
+        p = f"{join(path, 'match_typed_subject_alt_names')}[{i}]"
+        ctx.only(t, {"san_type", "matcher"}, p)
+        st = _SAN_TYPES.get(t.san_type)
+        if st is None:
+            ctx.reject(join(p, "san_type"), "san_type must be EMAIL, DNS, URI or IP_ADDRESS")
+        sans.append(_string_matcher(ctx, t.matcher, st, join(p, "matcher")))
+    for i, m in enumerate(vc.match_subject_alt_names):
+        sans.append(_string_matcher(
+            ctx, m, "", f"{join(path, 'match_subject_alt_names')}[{i}]"))
+    return ca, tuple(sans), vc.allow_expired_certificate
+
+
+_COMMON_FIELDS = {"tls_params", "tls_certificates", "tls_certificate_sds_secret_configs",
+                  "validation_context", "validation_context_sds_secret_config",
+                  "combined_validation_context", "alpn_protocols"}
+_TLS_PARAMS_FIELDS = {"tls_minimum_protocol_version", "tls_maximum_protocol_version",
+                      "cipher_suites", "ecdh_curves"}
+
+
+def _sds_name(ctx: Ctx, sc: Any, path: str) -> str:
+    ctx.only(sc, {"name", "sds_config"}, path)
+    if not sc.name:
+        ctx.reject(join(path, "name"), "an SDS secret config needs a name")
+    return sc.name
+
+
+def _tls_context(ctx: Ctx, msg: Any, server: bool, path: str) -> TlsContextConfig:
+    if server:
+        ctx.only(msg, {"common_tls_context", "require_client_certificate",
+                       "disable_stateless_session_resumption",
+                       "disable_stateful_session_resumption", "session_timeout"}, path)
+    else:
+        ctx.only(msg, {"common_tls_context", "sni", "max_session_keys",
+                       "allow_renegotiation"}, path)
+        if msg.allow_renegotiation:
+            ctx.reject(join(path, "allow_renegotiation"), "renegotiation is not supported")
+    cp = join(path, "common_tls_context")
+    c = msg.common_tls_context
+    ctx.only(c, _COMMON_FIELDS, cp)
+    chain = key = None
+    cert_sds = ""
+    if len(c.tls_certificates) + len(c.tls_certificate_sds_secret_configs) > 1:
+        ctx.reject(join(cp, "tls_certificates"), "only one certificate per context is supported")
+    if c.tls_certificates:
+        tp = join(cp, "tls_certificates") + "[0]"
+        tc = c.tls_certificates[0]
+        ctx.only(tc, {"certificate_chain", "private_key"}, tp)
+        if not (tc.HasField("certificate_chain") and tc.HasField("private_key")):
+            ctx.reject(tp, "needs certificate_chain and private_key")
+        chain = _data_source(ctx, tc.certificate_chain, join(tp, "certificate_chain"))
+        key = _data_source(ctx, tc.private_key, join(tp, "private_key"))
+    elif c.tls_certificate_sds_secret_configs:
+        cert_sds = _sds_name(ctx, c.tls_certificate_sds_secret_configs[0],
+                             join(cp, "tls_certificate_sds_secret_configs") + "[0]")
+    ca: DataSource | None = None
+    ca_sds = ""
+    sans: tuple[SanMatcher, ...] = ()
+    allow_expired = False
+    which = c.WhichOneof("validation_context_type")
+    if which == "validation_context":
+        ca, sans, allow_expired = _validation(ctx, c.validation_context,
+                                              join(cp, "validation_context"))
+    elif which == "validation_context_sds_secret_config":
+        ca_sds = _sds_name(ctx, c.validation_context_sds_secret_config,
+                           join(cp, "validation_context_sds_secret_config"))
+    elif which == "combined_validation_context":
+        vp = join(cp, "combined_validation_context")
+        cv = c.combined_validation_context
+        ctx.only(cv, {"default_validation_context", "validation_context_sds_secret_config"}, vp)
+        ca, sans, allow_expired = _validation(ctx, cv.default_validation_context,
+                                              join(vp, "default_validation_context"))
+        if cv.HasField("validation_context_sds_secret_config"):
+            ca_sds = _sds_name(ctx, cv.validation_context_sds_secret_config,
+                               join(vp, "validation_context_sds_secret_config"))
+    lo = hi = TLS_AUTO
+    ciphers: tuple[str, ...] = ()
+    curves: tuple[str, ...] = ()
+    if c.HasField("tls_params"):
+        pp = join(cp, "tls_params")
+        ctx.only(c.tls_params, _TLS_PARAMS_FIELDS, pp)
+        lo = c.tls_params.tls_minimum_protocol_version
+        hi = c.tls_params.tls_maximum_protocol_version
+        if lo and hi and lo > hi:
+            ctx.reject(pp, "tls_minimum_protocol_version is above tls_maximum_protocol_version")
+        ciphers = tuple(c.tls_params.cipher_suites)
+        curves = tuple(c.tls_params.ecdh_curves)
+        for i, cs in enumerate(ciphers):
+            if not cs or any(ch.isspace() or ch == ":" for ch in cs.strip("[]")):
+                ctx.reject(f"{join(pp, 'cipher_suites')}[{i}]", f"invalid cipher suite {cs!r}")
+    if server and not (chain or cert_sds):
+        ctx.reject(join(cp, "tls_certificates"),
+                   "a DownstreamTlsContext needs a certificate (tls_certificates or "
+                   "tls_certificate_sds_secret_configs)")
+    require = bool(wrapped(msg, "require_client_certificate", False)) if server else False
+    if require and not (ca or ca_sds):
+        ctx.reject(join(path, "require_client_certificate"),
+                   "requiring a client certificate needs a validation context with a "
+                   "trusted CA")
+    if sans and not (ca or ca_sds):
+        ctx.reject(cp, "subject alt name matching needs a trusted CA (trusted_ca or "
+                       "validation_context_sds_secret_config)")
+    return TlsContextConfig(
+        server=server, cert_chain=chain, private_key=key, cert_sds=cert_sds,
+        trusted_ca=ca, ca_sds=ca_sds, san_matchers=sans, alpn=tuple(c.alpn_protocols),
+        sni="" if server else msg.sni, min_version=lo, max_version=hi,
+        cipher_suites=ciphers, ecdh_curves=curves, require_client_cert=require,
+        allow_expired=allow_expired,
+    )
+
+
+def compile_transport_socket(ctx: Ctx, ts: Any, server: bool, path: str
+                             ) -> TlsContextConfig | None:
+    """A TransportSocket -> its TLS context, or None for raw_buffer."""
+    ctx.only(ts, {"name", "typed_config"}, path)
+    url = ts.typed_config.type_url if ts.HasField("typed_config") else ""
+    if url == RAW_BUFFER_URL or (not url and ts.name in (RAW_BUFFER_SOCKET, "raw_buffer", "")):
+        return None
+    want = DOWNSTREAM_TLS_URL if server else UPSTREAM_TLS_URL
+    if url == want:
+        msg = (tls_pb2.DownstreamTlsContext if server else tls_pb2.UpstreamTlsContext)()
+        ts.typed_config.Unpack(msg)
+        return _tls_context(ctx, msg, server, join(path, "typed_config"))
+    if not url and ts.name == TLS_SOCKET:
+        ctx.reject(join(path, "typed_config"), "a TLS transport socket needs its typed_config")
+    ctx.reject(path, f"transport socket {ts.name!r} ({url or 'no typed_config'}) is not "
+                     f"supported here (expected {want.rsplit('.', 1)[-1]} or RawBuffer)")
 
 
 # --------------------------------------------------------------------------- listeners
@@ -126,7 +409,9 @@ class FilterChain:
     name: str
     tcp_proxy: TcpProxyConfig | None = None
     hcm: HcmConfig | None = None
-    tls: bool = False  # downstream TLS transport socket (not terminated here yet)
+    tls: TlsContextConfig | None = None  # DownstreamTlsContext: terminate TLS first
+    #: transport_socket_connect_timeout (TLS handshake bound); None: the default
+    handshake_timeout_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,11 +560,10 @@ def _hcm(ctx: Ctx, h: Any, path: str) -> HcmConfig:
 def _chain(ctx: Ctx, fc: Any, path: str) -> FilterChain:
     ctx.only(fc, {"filter_chain_match", "filters", "transport_socket", "name", "metadata",
                   "transport_socket_connect_timeout"}, path)
-    tls = False
+    tls = None
     if fc.HasField("transport_socket"):
-        ts = fc.transport_socket
-        tls = ts.name != "envoy.transport_sockets.raw_buffer" and not ts.typed_config.type_url.endswith(
-            "RawBuffer")
+        tls = compile_transport_socket(ctx, fc.transport_socket, True,
+                                       join(path, "transport_socket"))
     if not fc.filters:
         ctx.reject(join(path, "filters"), "a filter chain needs a terminal network filter")
     tcp = hcm = None
@@ -300,7 +584,8 @@ def _chain(ctx: Ctx, fc: Any, path: str) -> FilterChain:
                           "supported")
         if not last:
             ctx.reject(p, f"{f.name!r} is terminal and must be the last network filter")
-    return FilterChain(fc.name, tcp, hcm, tls)
+    hs_timeout = opt_duration_s(fc, "transport_socket_connect_timeout") or None
+    return FilterChain(fc.name, tcp, hcm, tls, hs_timeout)
 
 
 def _socket_address(ctx: Ctx, addr: Any, path: str) -> tuple[str, int]:
@@ -376,6 +661,8 @@ class HostSpec:
     weight: int = 1
     healthy: bool = True
     priority: int = 0
+    #: the endpoint's ``envoy.transport_socket_match`` metadata, flattened (sorted pairs)
+    ts_match: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> str:
@@ -396,12 +683,24 @@ class ClusterConfig:
     http2: bool = False
     max_requests_per_connection: int | None = None
     idle_timeout_s: float | None = 3600.0
-    tls: bool = False
+    tls: TlsContextConfig | None = None  # transport_socket (None: raw_buffer)
     use_http_header_for_original_dst: bool = False
+    transport_socket_matches: tuple[TransportSocketMatch, ...] = ()
     proto: Any = field(default=None, compare=False, repr=False)
 
     def new_circuit_breakers(self) -> CircuitBreakers:
         return CircuitBreakers(*self.thresholds)
+
+    def transport_for(self, host: HostSpec | None) -> TlsContextConfig | None:
+        """The TLS context for connections to ``host``: the first transport socket match
+        whose entries the host's ``envoy.transport_socket_match`` metadata all carries
+        (an empty match matches every host), else the cluster's ``transport_socket``."""
+        if self.transport_socket_matches:
+            have = host.ts_match if host is not None else ()
+            for m in self.transport_socket_matches:
+                if all(item in have for item in m.match):
+                    return m.tls
+        return self.tls
 
 
 _STATUS_HEALTHY = {0, 1}  # UNKNOWN, HEALTHY (DEGRADED=5 counted healthy too)
@@ -439,7 +738,12 @@ def _hosts(ctx: Ctx, cla: Any, path: str, allow_names: bool = False
                     continue
                 ctx.reject(p + ".endpoint.address.socket_address.address",
                            f"{sa.address!r} is not an IP (use a DNS cluster for names)")
-            hosts.append(HostSpec(ip, sa.port_value, weight, healthy, loc.priority))
+            ts_match: tuple[tuple[str, str], ...] = ()
+            if lbe.HasField("metadata"):
+                st = lbe.metadata.filter_metadata.get(TRANSPORT_SOCKET_MATCH_KEY)
+                if st is not None:
+                    ts_match = _struct_items(st)
+            hosts.append(HostSpec(ip, sa.port_value, weight, healthy, loc.priority, ts_match))
     return tuple(hosts), tuple(names)
 
 
@@ -501,8 +805,16 @@ def compile_cluster(name: str, c: cluster_pb2.Cluster) -> ClusterConfig:
         hosts, names = _hosts(ctx, c.load_assignment, "load_assignment.",
                               allow_names=ctype in ("STRICT_DNS", "LOGICAL_DNS"))
     http2, max_rq, idle = _protocol_options(ctx, c)
-    tls = c.HasField("transport_socket") and not c.transport_socket.typed_config.type_url.endswith(
-        "RawBuffer")
+    tls = compile_transport_socket(ctx, c.transport_socket, False, "transport_socket") \
+        if c.HasField("transport_socket") else None
+    matches = []
+    for i, tsm in enumerate(c.transport_socket_matches):
+        mp = f"transport_socket_matches[{i}]"
+        ctx.only(tsm, {"name", "match", "transport_socket"}, mp)
+        mtls = compile_transport_socket(ctx, tsm.transport_socket, False,
+                                        join(mp, "transport_socket")) \
+            if tsm.HasField("transport_socket") else None
+        matches.append(TransportSocketMatch(tsm.name, _struct_items(tsm.match), mtls))
     use_header = c.HasField("original_dst_lb_config") and \
         c.original_dst_lb_config.use_http_header
     return ClusterConfig(
@@ -513,7 +825,8 @@ def compile_cluster(name: str, c: cluster_pb2.Cluster) -> ClusterConfig:
         else DEFAULT_CONNECT_TIMEOUT_S,
         lb=lb, thresholds=thresholds, outlier=outlier, http2=http2,
         max_requests_per_connection=max_rq, idle_timeout_s=idle, tls=tls,
-        use_http_header_for_original_dst=use_header, proto=c,
+        use_http_header_for_original_dst=use_header,
+        transport_socket_matches=tuple(matches), proto=c,
     )
 
 
@@ -522,7 +835,8 @@ def compile_routes(name: str, rc: route_pb2.RouteConfiguration) -> RouteTable:
 
 
 __all__ = [
-    "ClusterConfig", "CompiledListener", "FilterChain", "HcmConfig", "HostSpec", "HttpFilter",
-    "TcpProxyConfig", "compile_cluster", "compile_endpoints", "compile_listener",
-    "compile_routes",
+    "ClusterConfig", "CompiledListener", "DataSource", "FilterChain", "HcmConfig", "HostSpec",
+    "HttpFilter", "SanMatcher", "TcpProxyConfig", "TlsContextConfig", "TransportSocketMatch",
+    "compile_cluster", "compile_endpoints", "compile_listener", "compile_routes",
+    "compile_transport_socket",
 ]
