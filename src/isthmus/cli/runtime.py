@@ -291,7 +291,10 @@ def status(output: str, cluster: str) -> None:
     rows: list[tuple[str, ...]] = [("NAMESPACE", "NAME", "READY", "STATUS", "RESTARTS", "IP", "SIDECAR")]
     for p in st.get("pods", []):
         side = "-"
-        if p["sidecar"]:
+        labels = p.get("labels") or {}
+        gateway = (labels.get("istio") == "ingressgateway"
+                   or "gateway.networking.k8s.io/gateway-name" in labels)
+        if p["sidecar"] or gateway:  # a gateway's router proxy reports like a sidecar
             side = sync.get(p["name"] + "." + p["namespace"], "NOT CONNECTED")
         elif p.get("inject"):
             side = "off"
@@ -318,7 +321,7 @@ def status(output: str, cluster: str) -> None:
 def _sync_states(st: dict[str, Any]) -> dict[str, str]:
     """``pod.ns`` -> SYNCED/STALE/NACKED from the control plane's /debug/syncz."""
     api = (st.get("controlplane") or {}).get("api")
-    if not api or not st.get("sidecars"):
+    if not api:
         return {}
     import urllib.request
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -39,9 +40,9 @@ from typing import Any
 
 import yaml
 
-from isthmus.api.parse import load_paths
+from isthmus.api.parse import load_paths, load_text
 from isthmus.core.errors import IsthmusError, Severity
-from isthmus.runtime import network
+from isthmus.runtime import gateways, network
 from isthmus.runtime.forward import Forwarder
 from isthmus.runtime.images import PROJECT_ROOT
 from isthmus.runtime.inject import IstioSidecarInjector, proxy_available
@@ -176,9 +177,22 @@ class Daemon:
         result = load_paths(self.opts.manifests)
         for d in result.diagnostics:
             self._diag(str(d), d.severity is Severity.ERROR)
+        resources = list(result.resources)
+        if self.opts.controlplane:
+            node_ip = str(ipaddress.ip_network(PlanOptions().pod_cidr).network_address + 1)
+            extra = gateways.provision(resources, f"{node_ip}:{XDS_PORT}",
+                                       always=bool(self.opts.ingress_port))
+            if extra:
+                added = load_text(yaml.safe_dump_all(extra, sort_keys=False), "<isthmus gateways>")
+                for d in added.diagnostics:
+                    self._diag(str(d), d.severity is Severity.ERROR)
+                resources += added.resources
+                names = sorted({f"{r.namespace}/{r.name}" for r in added.resources
+                                if r.kind == "Deployment"})
+                self.report("progress", message=f"gateways: {', '.join(names)}")
         want_sidecars = self.opts.sidecars == "on" or (
             self.opts.sidecars == "auto" and proxy_available())
-        plan = build_plan(result.resources, PlanOptions(cluster=self.opts.cluster,
+        plan = build_plan(resources, PlanOptions(cluster=self.opts.cluster,
                                                         inject=want_sidecars, xds_port=XDS_PORT))
         for d in plan.diagnostics:
             self._diag(str(d), d.severity is Severity.ERROR)
@@ -415,14 +429,20 @@ class Daemon:
 
 def ingress_target(plan: ClusterPlan) -> tuple[str, int] | None:
     """Where --ingress-port goes: Service istio-ingressgateway port 80 (or its first
-    port) -> an endpoint; else a pod labelled istio=ingressgateway, port 8080."""
-    svcs = sorted((s for s in plan.services if s.name == "istio-ingressgateway"),
-                  key=lambda s: s.namespace != "istio-system")
+    port) -> an endpoint; else a Gateway API gateway's Service (``<name>-istio``) first
+    listener port; else a pod labelled istio=ingressgateway, port 8080."""
+    svcs = sorted((s for s in plan.services if s.name == gateways.INGRESS_NAME),
+                  key=lambda s: s.namespace != gateways.INGRESS_NAMESPACE)
     for svc in svcs:
         ports = sorted(svc.ports, key=lambda p: p.port != 80)
         for p in ports:
             if p.endpoints:
                 return p.endpoints[0].ip, p.endpoints[0].port
+    for svc in plan.services:
+        if gateways.GATEWAY_NAME_LABEL in svc.selector:
+            for p in sorted(svc.ports, key=lambda p: (p.port == 15021, p.port != 80)):
+                if p.endpoints:
+                    return p.endpoints[0].ip, p.endpoints[0].port
     for pod in plan.pods:
         if pod.labels.get("istio") == "ingressgateway":
             numbers = [p.port for c in pod.containers for p in c.ports]
