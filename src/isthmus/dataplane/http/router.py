@@ -4,16 +4,30 @@
 - circuit breaker ``max_requests`` (overflow: 503, ``x-envoy-overloaded``, flag UO);
 - request headers: route/vhost/route-config mutations, host rewrite, rewritten path,
   ``x-envoy-attempt-count`` when the vhost asks; hop-by-hop headers never go upstream;
-- host choice from the cluster's load balancer (hash policies feed hash balancers;
-  retries honour ``previous_hosts``), ORIGINAL_DST clusters go to the connection's
-  original destination; no host: 503 ``no healthy upstream`` (UH);
+- host choice from the cluster's load balancer: the route's hash policies (header,
+  cookie, source IP, query parameter) feed RING_HASH/MAGLEV; a cookie policy with a ttl
+  whose cookie is absent generates one as Envoy (``hex(xxHash64(remote + local address))``)
+  and sets it on the response; retries honour ``previous_hosts`` with
+  ``host_selection_retry_max_attempts`` (``Cluster.pick_retry``); LEAST_REQUEST counts
+  each attempt as active on its host until it ends; ORIGINAL_DST clusters go to the
+  connection's original destination; a DNS cluster still resolving is waited for (up to
+  its connect timeout); no host: 503 ``no healthy upstream`` (UH);
+- outlier detection is fed per attempt: connect failure / success, HTTP status, per-try
+  and route timeouts, resets;
 - attempts over pooled HTTP/1.1 connections; the request body streams upstream while a
   bounded copy (``RETRY_BUFFER_LIMIT``) is kept for retries; past the limit the request
   is no longer retried (Envoy's retry buffer overflow);
-- per-try timeout until response headers, route timeout over the whole exchange
+- per-try timeout from sending the request until response headers (connect time is the
+  cluster's connect_timeout, as Envoy), route timeout over the whole exchange
   (504 ``upstream request timeout``, UT), connect failure 503 (UF), reset 503 (UR);
-- retries per ``envoy.retry.should_retry`` with jittered backoff and the cluster's
-  ``max_retries`` budget;
+- retries per ``envoy.retry.should_retry`` with jittered backoff; ``x-envoy-retry-on``,
+  ``x-envoy-retry-grpc-on``, ``x-envoy-retriable-status-codes`` and
+  ``x-envoy-max-retries`` merge into the route's policy and ``x-envoy-upstream-rq-timeout-ms``
+  / ``-per-try-timeout-ms`` override its timeouts (all consumed, not forwarded;
+  ``x-envoy-expected-rq-timeout-ms`` goes upstream); a retry holds one of the cluster's
+  ``max_retries`` (or retry budget) slots from being scheduled until its outcome is known;
+  no slot: the answer passes through with flag UO (``upstream_rq_retry_overflow``);
+  retries used up: flag URX;
 - mirrors: fire-and-forget copies to the mirror cluster with ``-shadow`` appended to the
   host (before the port), once the request body is complete and fits the buffer;
 - the response streams back with response mutations, CORS headers and
@@ -286,6 +300,7 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
     active: str | None = None  # host key counted in cluster.active (LEAST_REQUEST)
     host: HostSpec | None = None
     late_flag = ""  # UO (retry overflow) / URX (retries exhausted) on a passed-through answer
+    retry_held = False  # a circuit-breaker retry slot is ours (from scheduling to outcome)
     try:
         async with asyncio.timeout(timeout):
             while True:
@@ -363,7 +378,11 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
                     cs.inc(hk + "rq_error")
                     if outcome.reset is Reset.RESET or outcome.reset is Reset.REFUSED_STREAM:
                         cluster.record(host, LocalOrigin.CONNECT_FAILED)
-                # -- retry?
+                # -- retry? (Envoy's resetRetry: the retry slot of the previous retry is
+                # held until this attempt's outcome is known)
+                if retry_held:
+                    cluster.resources.release(Resource.RETRIES)
+                    retry_held = False
                 retriable = retry is not None and not rb.overflow and upgrade is None
                 if retriable:
                     decision_r = should_retry(retry, attempt, outcome, random64,
@@ -376,11 +395,8 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
                             conn = None
                         cluster.rq_finish(host.key)
                         active = None
-                        cluster.resources.try_acquire(Resource.RETRIES)
-                        try:
-                            await asyncio.sleep(decision_r.backoff_s)
-                        finally:
-                            cluster.resources.release(Resource.RETRIES)
+                        retry_held = cluster.resources.try_acquire(Resource.RETRIES)
+                        await asyncio.sleep(decision_r.backoff_s)
                         attempt += 1
                         continue
                     if decision_r.verdict is RetryVerdict.OVERFLOW:
@@ -473,6 +489,8 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
             conn = None
         st.reset()
     finally:
+        if retry_held:
+            cluster.resources.release(Resource.RETRIES)
         if active is not None:
             cluster.rq_finish(active)
         if conn is not None and pool is not None:
