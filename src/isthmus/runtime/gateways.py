@@ -7,7 +7,7 @@ Kubernetes manifests (plain dicts) of the gateways the manifests need but do not
 - ``istio-system/istio-ingressgateway`` (Deployment + Service, labels
   ``app: istio-ingressgateway``, ``istio: ingressgateway``) running ``isthmus proxy
   router``, when an Istio ``Gateway`` selects ``istio: ingressgateway`` (or ``always``,
-  e.g. ``isthmus up --ingress-port``), unless the manifests already have such a Service or
+  e.g. ``isthmus up --ingress-port``, if no Gateway API gateway is there), unless the manifests already have such a Service or
   pods with that label. Service ports as Istio's chart: ``http2`` 80 -> 8080, ``https``
   443 -> 8443, ``status-port`` 15021; the router binds the Gateway servers' ports (8080
   for bookinfo's ``bookinfo-gateway``), so the Service's 80 reaches it.
@@ -114,7 +114,8 @@ def provision(resources: Sequence[Resource[Any]], xds_address: str, always: bool
     api_gateways = [r for r in resources
                     if (r.group, r.kind) == ("gateway.networking.k8s.io", "Gateway")
                     and getattr(r.spec, "gateway_class_name", "") == "istio"]
-    wants_ingress = always or any(_selects_ingress(r) for r in istio_gateways) or any(
+    wants_ingress = (always and not api_gateways) or any(
+        _selects_ingress(r) for r in istio_gateways) or any(
         _names_ingress_service(r) for r in api_gateways)
     if wants_ingress and not has_ingress(resources):
         declared = any((r.group, r.kind) == ("", "Namespace") and r.name == INGRESS_NAMESPACE
