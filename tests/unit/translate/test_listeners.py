@@ -141,7 +141,7 @@ def test_inbound_security_hook_receives_each_port(mesh) -> None:  # type: ignore
         ]
 
     vi = L.virtual_inbound(mesh, sidecar(), strict)
-    assert sorted(seen) == [5000, 6000, 8080]
+    assert sorted(seen) == [0, 5000, 6000, 8080]  # 0: the catch-all (passthrough) chains
     assert {"mtls-5000", "mtls-6000", "mtls-8080"} <= {c.name for c in vi.filter_chains}
 
 

@@ -38,7 +38,7 @@ from datetime import timedelta
 from typing import Any
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo_pb2
@@ -46,12 +46,13 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from isthmus.api.istio import networking as net
 from isthmus.api.meta import Resource
-from isthmus.controlplane.model.hosts import selector_labels
 from isthmus.controlplane.model.mesh import MeshSnapshot
 from isthmus.controlplane.model.proxy import ProxyNode
 from isthmus.controlplane.model.types import Protocol, Resolution, Service, ServicePort, Workload
 from isthmus.controlplane.translate import tls as tlsmod
 from isthmus.controlplane.translate.endpoints import locality_lb_endpoints
+from isthmus.controlplane.translate.peer_authn import DISABLE as MTLS_DISABLE
+from isthmus.controlplane.translate.peer_authn import service_mtls_mode
 from isthmus.core.names import (
     BLACKHOLE_CLUSTER,
     INBOUND_PASSTHROUGH_CLUSTER_IPV4,
@@ -405,17 +406,10 @@ class _Builder:
         return res
 
     def mtls_disabled_for(self, svc: Service) -> bool:
-        """A namespace- or mesh-wide PeerAuthentication with mode DISABLE at the destination."""
-        root = self.mesh.mesh.root_namespace
-        for ns in (svc.namespace, root):
-            for pa in self.mesh.peer_authentications:
-                if pa.metadata.namespace != ns or selector_labels(pa.spec.selector):
-                    continue
-                mode = (pa.spec.mtls.mode if pa.spec.mtls is not None else None) or "UNSET"
-                if mode == "UNSET":
-                    continue
-                return mode == "DISABLE"
-        return False
+        """Auto mTLS is off for a service whose namespace (else the mesh) PeerAuthentication
+        mode is DISABLE (Istio's best-effort inference: oldest policy per level, UNSET
+        inherits). Workload-level DISABLE is per endpoint: EDS drops its ``tlsMode``."""
+        return service_mtls_mode(self.mesh, svc.namespace) == MTLS_DISABLE
 
     def apply_tls(self, c: cluster_pb2.Cluster, svc: Service, tls: net.ClientTLSSettings | None,
                   http: _HttpOptions) -> None:

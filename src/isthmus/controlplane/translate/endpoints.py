@@ -14,6 +14,7 @@ assignments with :func:`locality_lb_endpoints`), ``model.mesh`` (the queries).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -25,6 +26,7 @@ from google.protobuf import struct_pb2
 from isthmus.controlplane.model.mesh import MeshSnapshot
 from isthmus.controlplane.model.proxy import ProxyNode
 from isthmus.controlplane.model.types import Endpoint, Resolution, TLSMode
+from isthmus.controlplane.translate.peer_authn import endpoint_mtls_disabled
 from isthmus.core.names import ClusterName, Direction
 
 TRANSPORT_SOCKET_MATCH_KEY = "envoy.transport_socket_match"
@@ -122,6 +124,14 @@ def build_load_assignment(mesh: MeshSnapshot, proxy: ProxyNode, cluster_name: st
     if labels is None:
         return cla
     eps = mesh.endpoints_for(name.host, name.port, labels or None)
+    if mesh.peer_authentications:
+        # An endpoint whose own PeerAuthentication (workload or port level) says DISABLE
+        # loses its tlsMode marker: auto mTLS then sends it plaintext (Istio's mtlsChecker).
+        eps = tuple(
+            dataclasses.replace(e, tls_mode=TLSMode.DISABLED)
+            if e.tls_mode is TLSMode.ISTIO and endpoint_mtls_disabled(mesh, e) else e
+            for e in eps
+        )
     cla.endpoints.extend(locality_lb_endpoints(eps, proxy.cluster_id))
     return cla
 

@@ -23,7 +23,6 @@ from isthmus.controlplane.model.proxy import ProxyNode
 from isthmus.controlplane.translate.listeners import (
     InboundChainPolicy,
     build_listeners,
-    plaintext_only,
     referenced_route_names,
 )
 from isthmus.controlplane.translate.routes import build_routes
@@ -51,9 +50,13 @@ def eds_cluster_names(clusters: Iterable[cluster_pb2.Cluster]) -> list[str]:
 
 
 def generate(
-    mesh: MeshSnapshot, proxy: ProxyNode, *, inbound_policy: InboundChainPolicy = plaintext_only
+    mesh: MeshSnapshot, proxy: ProxyNode, *, inbound_policy: InboundChainPolicy | None = None
 ) -> Resources:
-    """Every LDS/RDS/CDS/EDS resource for ``proxy``; names are unique per type."""
+    """Every LDS/RDS/CDS/EDS resource for ``proxy``; names are unique per type.
+
+    ``inbound_policy`` defaults to ``peer_authn.inbound_security``: PeerAuthentication
+    decides the inbound mTLS chains, AuthorizationPolicy adds RBAC filters to them.
+    """
     from isthmus.controlplane.translate.clusters import build_clusters
     from isthmus.controlplane.translate.endpoints import build_endpoints
 

@@ -467,7 +467,10 @@ class InboundChainPolicy(TypingProtocol):
     the port really gets. PeerAuthentication plugs in here: PERMISSIVE adds mTLS chains
     (``transport_protocol: tls``, ALPN ``istio``/``istio-peer-exchange``/``istio-http/*``,
     DownstreamTlsContext with ``require_client_certificate``) beside the plaintext ones,
-    STRICT replaces them, DISABLE keeps them. The default keeps plaintext only."""
+    STRICT replaces them, DISABLE keeps them. It is also called once with
+    ``PASSTHROUGH_PORT`` (port 0, auto-detect) for the virtualInbound catch-all chains.
+    ``plaintext_only`` keeps plaintext only; ``build_listeners`` / ``generate`` default
+    to ``peer_authn.inbound_security`` (mTLS chains + AuthorizationPolicy filters)."""
 
     def __call__(
         self,
@@ -524,10 +527,20 @@ def virtual_inbound(
     )
     for ip in inbound_ports(mesh, proxy):
         out.filter_chains.extend(policy(mesh, proxy, ip, plaintext_inbound_chains(ip)))
-    # Catch-alls: ports no service declares still reach the app.
-    out.filter_chains.append(_passthrough_http_chain())
+    # Catch-alls: ports no service declares still reach the app; the policy sees them as
+    # an auto-detect "port 0" (workload-wide mTLS mode, authorization as any port).
+    out.filter_chains.extend(policy(mesh, proxy, PASSTHROUGH_PORT, passthrough_plaintext_chains()))
+    return out
+
+
+PASSTHROUGH_PORT = InboundPort(0, Protocol.UNSUPPORTED)
+
+
+def passthrough_plaintext_chains() -> list[lc.FilterChain]:
+    """virtualInbound's catch-alls: sniffed HTTP, raw TCP, and TLS the app terminates."""
+    out = [_passthrough_http_chain()]
     for tp in (RAW_BUFFER, "tls"):
-        out.filter_chains.append(
+        out.append(
             lc.FilterChain(
                 name=VIRTUAL_INBOUND,
                 filter_chain_match=lc.FilterChainMatch(transport_protocol=tp),
@@ -633,9 +646,17 @@ def grpc_listeners(mesh: MeshSnapshot, proxy: ProxyNode) -> list[listener_pb2.Li
 
 
 def build_listeners(
-    mesh: MeshSnapshot, proxy: ProxyNode, *, inbound_policy: InboundChainPolicy = plaintext_only
+    mesh: MeshSnapshot, proxy: ProxyNode, *, inbound_policy: InboundChainPolicy | None = None
 ) -> list[listener_pb2.Listener]:
-    """All listeners for the proxy, by its kind (proxyless gRPC, router, sidecar)."""
+    """All listeners for the proxy, by its kind (proxyless gRPC, router, sidecar).
+
+    ``inbound_policy`` defaults to ``peer_authn.inbound_security`` (PeerAuthentication
+    chains + AuthorizationPolicy filters); pass ``plaintext_only`` for the bare chains.
+    """
+    if inbound_policy is None:
+        from isthmus.controlplane.translate.peer_authn import inbound_security
+
+        inbound_policy = inbound_security
     if proxy.is_proxyless_grpc:
         return grpc_listeners(mesh, proxy)
     if proxy.type is ProxyType.ROUTER:
@@ -688,6 +709,7 @@ __all__ = [
     "inbound_ports",
     "outbound_listeners",
     "outbound_ports",
+    "passthrough_plaintext_chains",
     "plaintext_inbound_chains",
     "plaintext_only",
     "referenced_route_names",
