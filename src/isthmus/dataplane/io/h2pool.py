@@ -299,6 +299,7 @@ class H2Upstream(asyncio.Protocol):
         self._flush_scheduled = False
         self._loop = asyncio.get_event_loop()
         self.settled: asyncio.Future[None] = self._loop.create_future()
+        self.tls: Any = None  # io.tls.TlsInfo when TLS was originated
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -503,10 +504,23 @@ class H2Pool:
         conn: H2Upstream | None = None
         try:
             sock = await connect(self.address, self.port, self.connect_timeout)
-            loop = asyncio.get_running_loop()
-            _, proto = await loop.create_connection(lambda: H2Upstream(self, self.opts),
-                                                    sock=sock)
-            conn = proto  # type: ignore[assignment]
+            tls = self._tls()
+            if tls is not None:
+                from isthmus.dataplane.io.upstream import originate_tls
+
+                # ALPN: the context's list when it offers h2, else just h2
+                alpn = tuple(tls.alpn) if "h2" in tuple(tls.alpn or ()) else ("h2",)
+                _, proto, info = await originate_tls(
+                    sock, tls, self.key, lambda: H2Upstream(self, self.opts),
+                    self.connect_timeout, stats, alpn)
+                proto.tls = info
+                if proto.closed:
+                    raise UpstreamConnectError(self.key, "closed during the TLS handshake")
+            else:
+                loop = asyncio.get_running_loop()
+                _, proto = await loop.create_connection(lambda: H2Upstream(self, self.opts),
+                                                        sock=sock)
+            conn = proto
             assert conn is not None
             self.conns.append(conn)
             stats.add("upstream_cx_active", 1)
@@ -531,6 +545,17 @@ class H2Pool:
         if self.retired:
             conn.draining = True
         return conn
+
+    def _tls(self) -> Any:
+        """The cluster's upstream TLS context for this host (``io.upstream.transport_for``),
+        or None for plaintext."""
+        cfg = self.cluster.config
+        if not getattr(cfg, "tls", None) and not getattr(cfg, "transport_socket_matches", None):
+            return None
+        from isthmus.dataplane.io import upstream
+
+        transport_for = getattr(upstream, "transport_for", None)
+        return transport_for(self.cluster, self.key) if transport_for is not None else None
 
     def _lost(self, conn: H2Upstream) -> None:
         if conn in self.conns:
