@@ -200,8 +200,9 @@ class CertificateAuthority:
         self.default_ttl = default_ttl
         self.max_ttl = max_ttl
         self.csr_limits = csr_limits
+        own = next((r for r in roots if r.cert == signer.root), TrustedRoot(signer.root))
         bundle = [r for r in roots if r.cert != signer.root]
-        self._state = _State(signer, [TrustedRoot(signer.root), *bundle])
+        self._state = _State(signer, [own, *bundle])
         if pending is not None:
             self._state.pending = _Pending(*pending)
         self._lock = threading.Lock()
