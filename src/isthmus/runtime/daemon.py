@@ -45,7 +45,8 @@ from isthmus.core.errors import IsthmusError, Severity
 from isthmus.runtime import gateways, network
 from isthmus.runtime.forward import Forwarder
 from isthmus.runtime.images import PROJECT_ROOT
-from isthmus.runtime.inject import IstioSidecarInjector, proxy_available
+from isthmus.runtime.inject import PROXY_ADMIN_PORT, IstioSidecarInjector, proxy_available
+from isthmus.runtime.netnsutil import socket_in_netns
 from isthmus.runtime.plan import (
     ClusterPlan,
     ContainerPlan,
@@ -62,6 +63,7 @@ log = logging.getLogger("isthmus.runtime")
 XDS_PORT = 15010
 CP_HTTP_PORT = 15014
 ANNOTATION_READY = "isthmus.io/ready"
+CONVERGE_TIMEOUT = 15.0  # seconds `up` waits for proxies to learn the ready endpoints
 SETTLED_RESTARTS = 3  # a pod crashing this often counts as settled (failed) for `up`
 
 
@@ -317,6 +319,9 @@ class Daemon:
             states = {k: self.pod_settled(k) for k in self.runners}
             if all(s for s, _ in states.values()):
                 failed = [k for k, (_, ok) in states.items() if not ok]
+                self._write_pods_config()
+                if self.opts.controlplane:
+                    await self._wait_converged(CONVERGE_TIMEOUT)
                 self._write_state()
                 self.report("ready", pods=len(states), failed=failed,
                             forwards=self.forward_info, state=str(self.state.path))
@@ -324,6 +329,42 @@ class Daemon:
             self._changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), 1.0)
+
+    def expected_hosts(self) -> dict[str, set[str]]:
+        """``outbound|PORT||FQDN`` -> the ready endpoints ("ip:port") proxies should have."""
+        assert self.plan is not None
+        ready = {k for k in self.runners if self.pod_settled(k) == (True, True)}
+        out: dict[str, set[str]] = {}
+        for svc in self.plan.services:
+            for p in svc.ports:
+                hosts = {f"{e.ip}:{e.port}" for e in p.endpoints if e.pod in ready}
+                if hosts:
+                    out[f"outbound|{p.port}||{svc.fqdn(self.plan.options.cluster_domain)}"] = hosts
+        return out
+
+    async def _wait_converged(self, timeout: float) -> None:
+        """Until every ready proxy (sidecar or gateway) has each ready endpoint healthy in
+        the clusters it has, or ``timeout``: so traffic right after ``up`` finds them."""
+        assert self.plan is not None
+        expected = self.expected_hosts()
+        proxies = [pod for pod in self.plan.pods if self.pod_settled(pod.key) == (True, True)
+                   and (pod.sidecar or is_gateway(pod.labels))]
+        if not proxies or not expected:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        lagging: list[str] = []
+        while loop.time() < deadline and not self.stop_event.is_set():
+            texts = await asyncio.gather(*(admin_get(p.netns, "/clusters") for p in proxies),
+                                         return_exceptions=True)
+            lagging = [p.key for p, t in zip(proxies, texts)
+                       if not isinstance(t, str) or not clusters_converged(t, expected)]
+            if not lagging:
+                return
+            await asyncio.sleep(0.2)
+        if lagging:
+            self._diag(f"warning: after {timeout:.0f}s these proxies still miss endpoints: "
+                       f"{', '.join(lagging)} (see `isthmus status`)", False)
 
     # ------------------------------------------------------------------ state
 
@@ -448,6 +489,48 @@ def ingress_target(plan: ClusterPlan) -> tuple[str, int] | None:
             numbers = [p.port for c in pod.containers for p in c.ports]
             return pod.ip, 8080 if 8080 in numbers or not numbers else numbers[0]
     return None
+
+
+def is_gateway(labels: dict[str, str] | Any) -> bool:
+    return (labels.get("istio") == "ingressgateway"
+            or gateways.GATEWAY_NAME_LABEL in labels)
+
+
+def clusters_converged(text: str, expected: dict[str, set[str]]) -> bool:
+    """Whether admin ``/clusters`` text has every expected host healthy in each expected
+    cluster the proxy has (clusters it lacks, e.g. scoped away by a Sidecar, are skipped)."""
+    present: set[str] = set()
+    healthy: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        parts = line.split("::")
+        if len(parts) < 2:
+            continue
+        present.add(parts[0])
+        if len(parts) == 4 and parts[2] == "health_flags" and parts[3] == "healthy":
+            healthy.setdefault(parts[0], set()).add(parts[1])
+    return all(hosts <= healthy.get(name, set())
+               for name, hosts in expected.items() if name in present)
+
+
+async def admin_get(netns: str, path: str, port: int = PROXY_ADMIN_PORT,
+                    timeout: float = 2.0) -> str:
+    """GET a proxy admin path inside a pod's network namespace; the body as text."""
+    loop = asyncio.get_running_loop()
+    sock = await loop.run_in_executor(None, socket_in_netns, netns)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), timeout)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout)
+        writer.close()
+    finally:
+        sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.split(b" ", 2)[1:2] == [b"200"]:
+        raise OSError(f"admin {path}: {head[:60]!r}")
+    return body.decode("utf-8", "replace")
 
 
 def pod_json(pod: PodPlan, containers: list[dict[str, Any]]) -> dict[str, Any]:

@@ -69,8 +69,8 @@ def router_container(name: str, namespace: str, labels: dict[str, str], xds_addr
         "image": "isthmus/proxy",
         "command": [python, "-m", "isthmus", "proxy", "router",
                     "--xds-address", xds_address,
-                    "--node-id", f"router~$(INSTANCE_IP)~$(POD_NAME).{namespace}~"
-                                 f"{namespace}.svc.cluster.local",
+                    "--node-id", (f"router~$(INSTANCE_IP)~$(POD_NAME).{namespace}~"
+                                  f"{namespace}.svc.cluster.local"),
                     "--namespace", namespace, "--labels", label_text,
                     "--ip", "$(INSTANCE_IP)", "--pod-name", "$(POD_NAME)",
                     "--service-account", f"{name}-service-account",
