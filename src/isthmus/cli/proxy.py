@@ -65,13 +65,19 @@ def build_node(proxy_type: str, node_id: str | None, namespace: str, labels: dic
 @click.option("--drain-timeout", default=5.0, show_default=True, type=float)
 @click.option("--mark", default=None, type=int, help="SO_MARK for upstream connections.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--certs-dir", default=None, type=click.Path(file_okay=False),
+              help="PEM files answering SDS secret names (default/, ROOTCA/, <credentialName>/).")
 def proxy(proxy_type: str, xds_address: str, node_id: str | None, namespace: str, labels: str,
           ip: str, pod_name: str | None, service_account: str, admin_port: int,
           admin_address: str, concurrency: int, xds_mode: str, drain_timeout: float,
-          mark: int | None, log_level: str) -> None:
+          mark: int | None, log_level: str, certs_dir: str | None) -> None:
     """Run a sidecar or router proxy fed by xDS."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if certs_dir:  # TLS secrets by SDS name; --concurrency workers inherit it (environment)
+        from isthmus.dataplane.io.certs import configure_certs_dir
+
+        configure_certs_dir(certs_dir)
     node = build_node(proxy_type, node_id, namespace, parse_labels(labels), ip,
                       pod_name or socket.gethostname(), service_account)
     try:

@@ -46,7 +46,7 @@ class Leaf:
 class CA:
     def __init__(self, name: str = "isthmus test root") -> None:
         self.key = _key()
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name)])
         self.cert = (
             x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
@@ -63,7 +63,7 @@ class CA:
     def issue(self, *, uris: tuple[str, ...] = (), dns: tuple[str, ...] = (),
               ips: tuple[str, ...] = (), expired: bool = False) -> Leaf:
         key = _key()
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         if expired:
             start, end = now - dt.timedelta(days=10), now - dt.timedelta(days=1)
         else:
@@ -93,7 +93,7 @@ def self_signed(uri: str) -> Leaf:
     """A leaf that signs itself (trusted by nobody)."""
     ca = CA("self")
     key = ca.key
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "self")])
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name)

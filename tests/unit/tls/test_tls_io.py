@@ -106,8 +106,8 @@ def test_mtls_handshake_with_spiffe_san_and_alpn() -> None:
 
 
 @pytest.mark.parametrize("case,reason,text", [
-    ("wrong_san", "san", "certificate SAN spiffe://cluster.local/ns/default/sa/ratings does "
-                         "not match exact 'spiffe://cluster.local/ns/default/sa/reviews'"),
+    ("wrong_san", "san", ("certificate SAN spiffe://cluster.local/ns/default/sa/ratings does "
+                         "not match exact 'spiffe://cluster.local/ns/default/sa/reviews'")),
     ("untrusted", "untrusted_ca", "unable to get local issuer certificate"),
     ("expired", "cert_expired", "certificate has expired"),
     ("self_signed", "self_signed", "self-signed certificate"),
@@ -120,7 +120,7 @@ def test_client_refuses_bad_server_certificates(case: str, reason: str, text: st
         "expired": lambda: ca.issue(uris=(spiffe("default", "reviews"),), expired=True),
         "self_signed": lambda: self_signed(spiffe("default", "reviews")),
     }[case]()
-    s, c = run(_handshake(
+    _s, c = run(_handshake(
         _server_cfg(leaf),
         _client_cfg(ca.pem, (SanMatcher("", "exact", spiffe("default", "reviews")),))))
     assert isinstance(c, tls.TlsHandshakeError), c
@@ -132,7 +132,7 @@ def test_client_refuses_bad_server_certificates(case: str, reason: str, text: st
 def test_server_requires_client_certificate() -> None:
     ca = CA()
     srv = ca.issue(dns=("gw.example",))
-    s, c = run(_handshake(_server_cfg(srv, ca=ca.pem, require=True),
+    s, _c = run(_handshake(_server_cfg(srv, ca=ca.pem, require=True),
                           _client_cfg(ca.pem, alpn=())))
     assert isinstance(s, tls.TlsHandshakeError), s
     # client sees the handshake done (TLS 1.3) or an alert: either way no leak, no hang

@@ -121,9 +121,9 @@ class DirectorySecretProvider:
 
     def get(self, name: str) -> Secret | None:
         if name.startswith("file-cert:"):
-            cert, _, key = name[len("file-cert:"):].partition("~")
-            c, cv = FILES.read(cert)
-            k, kv = FILES.read(key)
+            cert_path, _, key_path = name[len("file-cert:"):].partition("~")
+            c, cv = FILES.read(cert_path)
+            k, kv = FILES.read(key_path)
             return Secret(name, c, k, b"", cv + "/" + kv)
         if name.startswith("file-root:"):
             path = name[len("file-root:"):]
@@ -131,7 +131,7 @@ class DirectorySecretProvider:
                 return Secret(name, root=SYSTEM_ROOTS, version="system")
             r, rv = FILES.read(path)
             return Secret(name, root=r, version=rv)
-        base = name[len("kubernetes://"):] if name.startswith("kubernetes://") else name
+        base = name.removeprefix("kubernetes://")
         if not base or "/" in base or base in (".", ".."):
             return None
         top = self.directory

@@ -134,7 +134,11 @@ async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket,
                          timeout: float) -> bool:
     fut = loop.create_future()
     fd = sock.fileno()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, ready)
     try:
         await asyncio.wait_for(fut, timeout)
         return True
@@ -479,7 +483,7 @@ class ListenerManager:
 
                         up_pipe = tlsio.new_pipe()
                         s_up, up = up, None  # the TLS transport owns it now
-                        await originate_tls(s_up, up_tls, key, lambda: up_pipe,
+                        await originate_tls(s_up, up_tls, key, lambda p=up_pipe: p,
                                             cfg.connect_timeout_s, cs)
                     break
                 except UpstreamConnectError as exc:

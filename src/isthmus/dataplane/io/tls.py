@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import os
 import ssl
@@ -234,7 +233,7 @@ def peer_sans(der: bytes) -> PeerSans:
         dns=tuple(ext.get_values_for_type(x509.DNSName)),
         uri=tuple(ext.get_values_for_type(x509.UniformResourceIdentifier)),
         email=tuple(ext.get_values_for_type(x509.RFC822Name)),
-        ip=tuple(str(ipaddress.ip_address(a)) for a in ext.get_values_for_type(x509.IPAddress)),
+        ip=tuple(str(a) for a in ext.get_values_for_type(x509.IPAddress)),
     )
 
 
@@ -410,7 +409,7 @@ class _Handoff(asyncio.Protocol):
             self.error = exc
             transport.abort()
             return
-        except Exception as exc:  # the chooser failed: do not leave the transport open
+        except Exception as exc:  # noqa: BLE001 - a failed chooser must not leak the transport
             self.error = TlsHandshakeError(f"after the handshake: {exc!r}", "error")
             transport.abort()
             return
