@@ -327,6 +327,13 @@ class DualUpstream:
                     if s.path == b"/reset":
                         conn.reset_stream(sid)
                         continue
+                    if s.path == b"/partial":  # headers and some body, then RST_STREAM
+                        conn.send_response(sid, 200, [], False)
+                        conn.send_data(sid, b"part", False)
+                        writer.write(conn.data_to_send())
+                        await writer.drain()
+                        conn.reset_stream(sid)
+                        continue
                     status, hs, body, trailers = self._answer(s.path, s.body, True)
                     conn.send_response(sid, status, hs, not body and not trailers)
                     if body:
@@ -451,6 +458,9 @@ def test_h2c_client_many_streams_big_body_and_resets_both_ways() -> None:
             # upstream reset before headers -> 503 UR; the connection carries on
             r = await c.request("GET", "/reset")
             assert r.status == 503, r
+            # upstream reset after the response started -> RST_STREAM downstream
+            r = await c.request("GET", "/partial")
+            assert r.status == 200 and r.reset is not None and bytes(r.body) == b"part"
             r = await c.request("GET", "/echo")
             assert r.status == 200
             assert stat(h, "http.gw.downstream_rq_rx_reset") == 1
