@@ -72,9 +72,8 @@ class Mesh:
 
     def cli(self, *args: str, check: bool = True, timeout: float = 60) -> str:
         """Run ``isthmus ARGS`` for this cluster; stdout (stderr joined on failure)."""
-        env_args = list(args)
-        proc = subprocess.run(isthmus_argv(*env_args), capture_output=True, text=True,
-                              timeout=timeout, env=self.env())
+        proc = subprocess.run(isthmus_argv(*args), capture_output=True, text=True,
+                              timeout=timeout, env=self.env(), check=False)
         if check and proc.returncode != 0:
             raise RuntimeError(f"isthmus {' '.join(args)} failed ({proc.returncode}): "
                                f"{proc.stderr.strip() or proc.stdout.strip()}")
@@ -103,7 +102,7 @@ class Mesh:
 
     def down(self) -> None:
         subprocess.run(isthmus_argv("down", "--name", self.name), capture_output=True,
-                       timeout=120)
+                       timeout=120, check=False)
 
 
 def up(name: str, ingress_port: int, api_port: int, directory: Path = CLUSTER_DIR,
@@ -215,6 +214,19 @@ def wait_route(base: str, allowed: Sequence[str], window: int = 20, timeout: flo
                     timeout, 0.0)
 
 
-__all__ = ["CLUSTER_DIR", "EXAMPLE", "Mesh", "Reply", "TRAFFIC_DIR", "free_port", "get",
-           "reviews_split", "reviews_version", "share", "statuses", "up", "wait_for",
-           "wait_route"]
+__all__ = [
+    "CLUSTER_DIR",
+    "EXAMPLE",
+    "TRAFFIC_DIR",
+    "Mesh",
+    "Reply",
+    "free_port",
+    "get",
+    "reviews_split",
+    "reviews_version",
+    "share",
+    "statuses",
+    "up",
+    "wait_for",
+    "wait_route",
+]
