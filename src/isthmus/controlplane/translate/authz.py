@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from envoy.config.core.v3 import base_pb2, grpc_service_pb2, http_uri_pb2
+from envoy.config.core.v3 import base_pb2, extension_pb2, grpc_service_pb2, http_uri_pb2
 from envoy.config.listener.v3 import listener_components_pb2 as lc
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -215,7 +215,7 @@ def path_permission(v: str) -> rbac_pb2.Permission:
             path_template=v.replace("{**}", "**").replace("{*}", "*")
         )
         return rbac_pb2.Permission(
-            uri_template=base_pb2.TypedExtensionConfig(name=URI_TEMPLATE_EXTENSION, typed_config=pack(cfg))
+            uri_template=extension_pb2.TypedExtensionConfig(name=URI_TEMPLATE_EXTENSION, typed_config=pack(cfg))
         )
     return rbac_pb2.Permission(url_path=path_pb2.PathMatcher(path=string_matcher(v)))
 
@@ -628,10 +628,9 @@ def _rules_for(policies: Sequence[Resource], action: str, for_tcp: bool, custom:
             try:
                 model = RuleModel.build(rule, ns)
                 prefix = f"{pname} on {chain} chain: "
-                target.policies[pname].CopyFrom(
-                    model.generate(for_tcp, DENY if custom else action,
-                                   lambda m, prefix=prefix: warn(prefix + m))  # type: ignore[misc]
-                )
+                generated = model.generate(for_tcp, DENY if custom else action,
+                                           lambda m, prefix=prefix: warn(prefix + m))  # type: ignore[misc]
+                target.policies[pname].CopyFrom(generated)  # (indexing creates the entry)
             except HttpOnly as exc:
                 warn(f"skipped rule {pname} on {chain} chain: {exc}")
             except InvalidValue as exc:
