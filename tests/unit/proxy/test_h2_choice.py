@@ -120,3 +120,12 @@ def test_make_downstream_by_codec_and_alpn(codec: str, alpn: str | None, kind: t
             assert (p._sniff is not None) is sniffs
 
     asyncio.run(body())
+
+
+def test_http1_downstream_constructed_directly_sniffs_under_auto_and_http2() -> None:
+    async def body() -> None:
+        assert Http1Downstream(_ctx("AUTO"), None)._sniff is not None
+        assert Http1Downstream(_ctx("HTTP2"), None)._force_h2
+        assert Http1Downstream(_ctx("HTTP1"), None)._sniff is None
+
+    asyncio.run(body())

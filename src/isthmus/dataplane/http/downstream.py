@@ -61,8 +61,6 @@ class ConnContext:
     original_dst: tuple[str, int] | None = None
     alpn: str = ""  # negotiated by TLS ("h2", "http/1.1") or "" (plaintext)
     tls: Any = None  # io.tls.TlsInfo of a terminated TLS connection
-    alpn: str = ""  # negotiated by TLS ("h2", "http/1.1", "istio", …); set by io.listeners
-    tls: Any = None  # io.tls.TlsInfo (ALPN, SNI, peer SANs / SPIFFE ID) on TLS connections
 
 
 class DownstreamStream:
@@ -143,9 +141,12 @@ class Http1Downstream(asyncio.Protocol):
     def __init__(self, ctx: ConnContext, handler: Any, sniff_h2: bool | None = None) -> None:
         self.ctx = ctx
         # AUTO codec without a negotiated protocol: the first bytes decide (h2c preface)
+        # (HTTP2: whatever comes is handed to the HTTP/2 engine, which rejects non-HTTP/2
+        # with GOAWAY; listeners may construct this class directly for any codec)
         if sniff_h2 is None:
-            sniff_h2 = ctx.hcm.codec == "AUTO"
+            sniff_h2 = ctx.hcm.codec in ("AUTO", "HTTP2")
         self._sniff: bytes | None = b"" if sniff_h2 else None
+        self._force_h2 = sniff_h2 and ctx.hcm.codec == "HTTP2"
         self.handler = handler  # async (DownstreamStream) -> None
         hcm = ctx.hcm
         self.codec = Http1ServerConnection(max_header_bytes=hcm.max_request_headers_kb * 1024)
@@ -175,7 +176,7 @@ class Http1Downstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._sniff is not None:
             buf = self._sniff + data
-            if buf.startswith(H2_PREFACE):
+            if self._force_h2 or buf.startswith(H2_PREFACE):
                 self._sniff = None
                 self._to_h2(buf)
                 return
