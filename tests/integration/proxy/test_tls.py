@@ -219,7 +219,7 @@ def test_upstream_mtls_with_spiffe_san_match(pki: tuple[CA, str]) -> None:
 
     async def body() -> None:
         up = TlsUpstream(server_ctx(ca.issue(uris=(REVIEWS,)), client_ca=ca.pem,
-                                    alpn=("istio-peer-exchange", "istio", "http/1.1")))
+                                    alpn=("istio-http/1.1", "istio", "http/1.1")))
         await up.start()
         port = free_port()
         h = Harness()
@@ -230,7 +230,8 @@ def test_upstream_mtls_with_spiffe_san_match(pki: tuple[CA, str]) -> None:
             for _ in range(3):
                 r = await get(port, "/reviews")
                 assert r.status == 200 and r.body == b"ok"
-            assert up.peers and up.peers[0] == (PRODUCTPAGE, "istio-peer-exchange")
+            # Istio's istio.alpn: an HTTP/1.1 mTLS connection offers istio-http/1.1
+            assert up.peers and up.peers[0] == (PRODUCTPAGE, "istio-http/1.1")
             assert len(up.peers) == 1  # pooled keep-alive connection, TLS once
             st = h.proxy.stats  # type: ignore[union-attr]
             assert st.get("cluster.reviews.ssl.handshake") == 1
@@ -376,8 +377,9 @@ def test_permissive_listener_accepts_mtls_and_plaintext(pki: tuple[CA, str]) -> 
 
 @LOOPS
 def test_mtls_between_two_proxies_carries_http_and_tcp(pki: tuple[CA, str], loop: str) -> None:
-    """A (outbound: plaintext in, ISTIO_MUTUAL out by endpoint metadata) -> B (inbound
-    TLS chains requiring A's identity) -> the apps."""
+    """A (outbound: plaintext in, ISTIO_MUTUAL out by endpoint metadata) -> B's one inbound
+    port (Istio-style: TLS + ALPN ``istio-http/*`` -> HCM, other TLS -> tcp_proxy, both
+    requiring A's identity) -> the apps."""
     ca, _ = pki
     b_leaf = ca.issue(uris=(REVIEWS,))
 
@@ -385,22 +387,32 @@ def test_mtls_between_two_proxies_carries_http_and_tcp(pki: tuple[CA, str], loop
         app = Upstream("reviews-app")
         await app.start()
         echo, echo_port = await echo_server()
-        b_http, b_tcp = free_port(), free_port()
+        b_in = free_port()
         a_http, a_tcp = free_port(), free_port()
-        alpn = ("istio-peer-exchange", "istio", "http/1.1")
-        b_ts = downstream_ts(b_leaf, client_ca=ca.pem, alpn=alpn, sans=(PRODUCTPAGE,))
-        b_http_lis = http_listener("b_http", b_http, "inbound")
-        b_http_lis.filter_chains[0].transport_socket.CopyFrom(b_ts)
-        b_tcp_lis = tcp_listener("b_tcp", b_tcp, "echo")
-        b_tcp_lis.filter_chains[0].transport_socket.CopyFrom(b_ts)
+        lis = listener_pb2.Listener(name="b_inbound", address=addr("127.0.0.1", b_in))
+        lis.listener_filters.append(tls_inspector())
+        http = lis.filter_chains.add()
+        http.CopyFrom(http_listener("x", 1, "inbound").filter_chains[0])
+        http.name = "inbound-http"
+        http.filter_chain_match.transport_protocol = "tls"
+        http.filter_chain_match.application_protocols.extend(
+            ["istio-http/1.0", "istio-http/1.1", "istio-h2"])
+        http.transport_socket.CopyFrom(downstream_ts(
+            b_leaf, client_ca=ca.pem, alpn=("h2", "http/1.1"), sans=(PRODUCTPAGE,)))
+        tcp = lis.filter_chains.add(name="inbound-tcp")
+        tcp.filter_chain_match.transport_protocol = "tls"
+        tcp.filters.append(tcp_chain("echo"))
+        tcp.transport_socket.CopyFrom(downstream_ts(
+            b_leaf, client_ca=ca.pem, alpn=("istio-peer-exchange", "h2", "http/1.1"),
+            sans=(PRODUCTPAGE,)))
         hb = Harness()
         await hb.start({CDS: [static_cluster("app", app.port), static_cluster("echo", echo_port)],
-                        EDS: [], LDS: [b_http_lis, b_tcp_lis],
+                        EDS: [], LDS: [lis],
                         RDS: [route_config("inbound", prefix_route("/", "app"))]})
         ha = Harness()
         await ha.start({
-            CDS: [istio_cluster("out-http", b_http, by_metadata=True),
-                  istio_cluster("out-tcp", b_tcp, by_metadata=True)],
+            CDS: [istio_cluster("out-http", b_in, by_metadata=True),
+                  istio_cluster("out-tcp", b_in, by_metadata=True)],
             EDS: [], LDS: [http_listener("a_http", a_http, "outbound"),
                            tcp_listener("a_tcp", a_tcp, "out-tcp")],
             RDS: [route_config("outbound", prefix_route("/", "out-http"))]})
@@ -410,14 +422,28 @@ def test_mtls_between_two_proxies_carries_http_and_tcp(pki: tuple[CA, str], loop
                 assert (r.status, r.body) == (200, b"ok")
             assert [q.path for q in app.requests] == [b"/reviews/0", b"/reviews/1",
                                                      b"/reviews/2"]
+            sb = hb.proxy.stats  # type: ignore[union-attr]
+            # through B's HCM chain (A offered istio-http/1.1), on one pooled connection
+            assert sb.get("http.x.downstream_cx_total") == 1
             big = os.urandom(300_000)
             for payload in (b"hello over mtls", big):
                 assert await tcp_roundtrip(a_tcp, payload) == b"echo:" + payload
-            sb = hb.proxy.stats  # type: ignore[union-attr]
-            assert sb.get(f"listener.127.0.0.1_{b_http}.ssl.handshake") == 1
-            assert sb.get(f"listener.127.0.0.1_{b_tcp}.ssl.handshake") == 2
+            assert sb.get(f"listener.127.0.0.1_{b_in}.ssl.handshake") == 3  # 1 HTTP + 2 TCP
             sa = ha.proxy.stats  # type: ignore[union-attr]
+            assert sa.get("cluster.out-http.ssl.handshake") == 1  # pooled
             assert sa.get("cluster.out-tcp.ssl.handshake") == 2
+            # a client with another identity is refused by B's SAN check
+            intruder = ca.issue(uris=(spiffe("evil", "mallory"),))
+            ictx = tls.build_context(tls.TlsContextConfig(server=False), ("istio",),
+                                     intruder.cert, intruder.key, ca.pem)
+            out = b""
+            try:
+                out = await tcp_roundtrip(b_in, b"x", ictx, SNI)
+            except (ConnectionError, ssl.SSLError):
+                pass
+            assert out == b""
+            pre = f"listener.127.0.0.1_{b_in}."
+            assert await hb.wait(lambda: sb.get(pre + "ssl.fail_verify_san") == 1, 5)
         finally:
             await ha.stop()
             await hb.stop()

@@ -187,3 +187,28 @@ def test_context_cache_and_missing_secret(tmp_path: Any) -> None:
         min_version=3, max_version=3)
     ctx = tls.context_for(ok)
     assert ctx.maximum_version.name == "TLSv1_2"
+
+
+def test_rotated_certificate_files_reach_new_contexts(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(certs, "RECHECK_S", 0.0)
+    ca = CA()
+    d = str(tmp_path)
+    ca.issue(uris=(spiffe("a", "one"),)).write(d, "default")
+    certs.set_secret_provider(certs.DirectorySecretProvider(d))
+    try:
+        cfg = TlsContextConfig(server=True, cert_sds="default", ca_sds="ROOTCA")
+        c1 = tls.context_for(cfg)
+        assert tls.context_for(cfg) is c1
+        leaf = ca.issue(uris=(spiffe("a", "two"),))
+        leaf.write(d, "default")
+        import os
+
+        for fn in ("cert-chain.pem", "key.pem"):  # make sure the mtime moves
+            p = os.path.join(d, "default", fn)
+            st = os.stat(p)
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        c2 = tls.context_for(cfg)
+        assert c2 is not c1
+        assert certs.resolve(cfg).cert_chain == leaf.cert
+    finally:
+        certs.set_secret_provider(None)

@@ -110,6 +110,21 @@ class DirectorySecretProvider:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
+        self._memo: dict[str, tuple[float, Secret | None]] = {}
+
+    def get(self, name: str) -> Secret | None:
+        """``lookup``, memoised for ``RECHECK_S`` when found (so a connection costs no file
+        system calls; a rotated file is seen within ``RECHECK_S``)."""
+        now = time.monotonic()
+        hit = self._memo.get(name)
+        if hit is not None and now - hit[0] < RECHECK_S:
+            return hit[1]
+        s = self.lookup(name)
+        if s is not None:  # a missing secret is looked for again next time
+            if len(self._memo) > 1024:
+                self._memo.clear()
+            self._memo[name] = (now, s)
+        return s
 
     def _first(self, dirs: list[str], names: tuple[str, ...]) -> str | None:
         for d in dirs:
@@ -119,7 +134,7 @@ class DirectorySecretProvider:
                     return p
         return None
 
-    def get(self, name: str) -> Secret | None:
+    def lookup(self, name: str) -> Secret | None:
         if name.startswith("file-cert:"):
             cert_path, _, key_path = name[len("file-cert:"):].partition("~")
             c, cv = FILES.read(cert_path)

@@ -95,9 +95,26 @@ def transport_for(cluster: Any, key: str) -> Any:
     return cfg.transport_for(cluster.by_key.get(key))
 
 
+ISTIO_HTTP1_ALPN = ("istio-http/1.1", "istio")
+ISTIO_H2_ALPN = ("istio-h2", "istio", "h2")
+
+
 def http1_alpn(alpn: tuple[str, ...]) -> tuple[str, ...]:
-    """ALPN an HTTP/1.1 connection may offer: everything configured but ``h2``."""
+    """ALPN an HTTP/1.1 connection offers. An Istio mTLS context (its list has ``istio``)
+    offers ``istio-http/1.1, istio`` as Istio's ``istio.alpn`` HTTP filter makes Envoy do,
+    so the peer's inbound listener selects its HTTP (``istio-http/*``) chain; otherwise
+    everything configured but ``h2``."""
+    if "istio" in alpn:
+        return ISTIO_HTTP1_ALPN
     return tuple(p for p in alpn if p != "h2") if "h2" in alpn else alpn
+
+
+def h2_alpn(alpn: tuple[str, ...]) -> tuple[str, ...]:
+    """ALPN an HTTP/2 connection offers: ``istio-h2, istio, h2`` for Istio mTLS (as
+    ``istio.alpn``), else the configured list when it has ``h2``, else just ``h2``."""
+    if "istio" in alpn:
+        return ISTIO_H2_ALPN
+    return alpn if "h2" in alpn else ("h2",)
 
 
 async def originate_tls(sock: socket.socket, tls: Any, key: str, factory: Any,
@@ -307,4 +324,4 @@ async def open_http1(sock: socket.socket, key: str, on_lost: Any = None,
 
 
 __all__ = ["Http1Upstream", "UpstreamConnectError", "UpstreamTlsError", "connect",
-           "http1_alpn", "note_tls_failure", "open_http1", "originate_tls", "transport_for"]
+           "h2_alpn", "http1_alpn", "note_tls_failure", "open_http1", "originate_tls", "transport_for"]

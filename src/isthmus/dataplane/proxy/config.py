@@ -142,6 +142,11 @@ class TlsContextConfig:
         return self.cert_chain is not None or bool(self.cert_sds)
 
     @property
+    def sds_names(self) -> tuple[str, ...]:
+        """SDS secrets this context needs (what an SDS client subscribes to)."""
+        return tuple(n for n in (self.cert_sds, self.ca_sds) if n)
+
+    @property
     def verifies_peer(self) -> bool:
         """A trust anchor is configured: the peer's chain must verify against it."""
         return self.trusted_ca is not None or bool(self.ca_sds)
