@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "status": "isthmus.cli.runtime:status",
     "exec": "isthmus.cli.runtime:exec_cmd",
     "logs": "isthmus.cli.runtime:logs",
+    "kube-inject": "isthmus.cli.kube_inject:kube_inject",
     "ca": "isthmus.cli.ca:ca",
     "agent": "isthmus.cli.agent:agent",
 }
