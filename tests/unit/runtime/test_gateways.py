@@ -89,11 +89,11 @@ def test_gateway_api_gateway_gets_its_own_deployment() -> None:
 
 
 def test_clusters_converged() -> None:
-    text = "\n".join([
-        "outbound|9080||r.default.svc.cluster.local::default_priority::max_connections::1",
-        "outbound|9080||r.default.svc.cluster.local::10.0.0.2:9080::health_flags::healthy",
-        "outbound|9080||r.default.svc.cluster.local::10.0.0.3:9080::health_flags::/failed_eds_health",
-    ])
+    c = "outbound|9080||r.default.svc.cluster.local"
+    lines = [f"{c}::default_priority::max_connections::1",
+             f"{c}::10.0.0.2:9080::health_flags::healthy",
+             f"{c}::10.0.0.3:9080::health_flags::/failed_eds_health"]
+    text = "\n".join(lines)
     want = {"outbound|9080||r.default.svc.cluster.local": {"10.0.0.2:9080"}}
     assert clusters_converged(text, want)
     want["outbound|9080||r.default.svc.cluster.local"].add("10.0.0.3:9080")
