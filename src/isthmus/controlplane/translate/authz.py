@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from envoy.config.core.v3 import base_pb2, extension_pb2, grpc_service_pb2, http_uri_pb2
+from envoy.config.core.v3 import config_source_pb2, extension_pb2, grpc_service_pb2, http_uri_pb2
 from envoy.config.listener.v3 import listener_components_pb2 as lc
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -727,7 +727,7 @@ def _http_ext_authz(mesh: MeshSnapshot, p: ExtAuthzProvider) -> hcm_pb2.HttpFilt
     # keyed on the CUSTOM shadow RBAC result); headers to send/upstream/downstream, body
     # buffering and status_on_error are left at their defaults.
     cfg = http_ext_authz_pb2.ExtAuthz(
-        transport_api_version=base_pb2.V3,
+        transport_api_version=config_source_pb2.V3,
         failure_mode_allow=p.fail_open,
         filter_enabled_metadata=_ext_authz_enabled_metadata(),
     )
@@ -750,7 +750,7 @@ def _tcp_ext_authz(mesh: MeshSnapshot, p: ExtAuthzProvider) -> lc.Filter:
     # TODO(ext_authz engineer): placeholder, as for HTTP.
     cfg = net_ext_authz_pb2.ExtAuthz(
         stat_prefix=TCP_STAT_PREFIX,
-        transport_api_version=base_pb2.V3,
+        transport_api_version=config_source_pb2.V3,
         failure_mode_allow=p.fail_open,
         filter_enabled_metadata=_metadata(
             NETWORK_RBAC,
