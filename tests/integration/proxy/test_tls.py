@@ -428,10 +428,16 @@ def test_mtls_between_two_proxies_carries_http_and_tcp(pki: tuple[CA, str], loop
             big = os.urandom(300_000)
             for payload in (b"hello over mtls", big):
                 assert await tcp_roundtrip(a_tcp, payload) == b"echo:" + payload
-            assert sb.get(f"listener.127.0.0.1_{b_in}.ssl.handshake") == 3  # 1 HTTP + 2 TCP
+            # a plain client's half-close toward the TLS upstream: the answer still comes
+            r, w = await asyncio.open_connection("127.0.0.1", a_tcp)
+            w.write(b"last words")
+            w.write_eof()
+            assert await r.readexactly(15) == b"echo:last words"
+            w.close()
+            assert sb.get(f"listener.127.0.0.1_{b_in}.ssl.handshake") == 4  # 1 HTTP + 3 TCP
             sa = ha.proxy.stats  # type: ignore[union-attr]
             assert sa.get("cluster.out-http.ssl.handshake") == 1  # pooled
-            assert sa.get("cluster.out-tcp.ssl.handshake") == 2
+            assert sa.get("cluster.out-tcp.ssl.handshake") == 3
             # a client with another identity is refused by B's SAN check
             intruder = ca.issue(uris=(spiffe("evil", "mallory"),))
             ictx = tls.build_context(tls.TlsContextConfig(server=False), ("istio",),

@@ -388,8 +388,8 @@ class ListenerManager:
         if chain.tcp_proxy is not None:
             pipe = tlsio.new_pipe()
             try:
-                await tlsio.terminate(sock, tls, peer, lambda info: pipe,
-                                      chain.handshake_timeout_s, sni=sni)
+                _, _, pipe.info = await tlsio.terminate(  # info: peer identity for policy
+                    sock, tls, peer, lambda info: pipe, chain.handshake_timeout_s, sni=sni)
             except tlsio.TlsHandshakeError as exc:
                 self._tls_failed(lstats, exc)
                 return

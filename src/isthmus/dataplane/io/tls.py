@@ -493,6 +493,7 @@ class _Pipe(asyncio.Protocol):
         self.eof = False
         self.lost = False
         self.tls = False
+        self.info: TlsInfo | None = None  # set by the caller after a handshake
 
     # -- wiring ---------------------------------------------------------------------------
 
