@@ -13,6 +13,7 @@ typed ``gauge``. Neighbours: ``proxy.stats`` (the counters), ``observability.met
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -38,10 +39,10 @@ def labels_text(pairs: Iterable[tuple[str, str]]) -> str:
     return "{" + inner + "}" if inner else ""
 
 
-def num(v: float | int) -> str:
+def num(v: float) -> str:
     if isinstance(v, int):
         return str(v)
-    if v != v:
+    if math.isnan(v):
         return "NaN"
     if v in (float("inf"), float("-inf")):
         return "+Inf" if v > 0 else "-Inf"

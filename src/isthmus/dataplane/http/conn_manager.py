@@ -66,10 +66,29 @@ class RecordingStream:
     the access log (Envoy's StreamInfo). Everything else forwards to the codec's stream."""
 
     __slots__ = (
-        "_flags", "_st", "authority", "bytes_sent", "cluster_name", "code", "conn",
-        "duration_ms", "grpc_status", "hdict", "head", "listener_name", "method", "path",
-        "peer_principal", "request_protocol", "resp_headers", "route_name", "sid", "start",
-        "start_wall", "upstream_host", "bytes_received",
+        "_flags",
+        "_st",
+        "authority",
+        "bytes_received",
+        "bytes_sent",
+        "cluster_name",
+        "code",
+        "conn",
+        "duration_ms",
+        "grpc_status",
+        "hdict",
+        "head",
+        "listener_name",
+        "method",
+        "path",
+        "peer_principal",
+        "request_protocol",
+        "resp_headers",
+        "route_name",
+        "sid",
+        "start",
+        "start_wall",
+        "upstream_host",
     )
 
     def __init__(self, st: DownstreamStream) -> None:
@@ -217,9 +236,84 @@ class RecordingStream:
 
 async def handle_stream(raw: DownstreamStream) -> None:
     st = RecordingStream(raw)
-    tel = getattr(raw.conn.ctx.proxy, "telemetry", None)
     try:
-        await _handle(st)
+        conn = st.conn
+        ctx = conn.ctx
+        hcm = ctx.hcm
+        hs = conn._http_stats
+        hs.inc("downstream_rq_total")
+        head = st.head
+        hdict = header_map(head.headers)
+        authority = head.authority.decode("latin-1")
+        path = head.path.decode("latin-1")
+        method = head.method.decode("latin-1")
+        scheme = head.scheme.decode("latin-1") or "http"
+        st.hdict = hdict
+        st.method, st.path, st.authority = method, path, authority
+        ct = hdict.get("content-type")
+        if ct is not None and _first(ct).startswith("application/grpc"):
+            st.request_protocol = "grpc"
+        if hcm.generate_request_id and "x-request-id" not in hdict:
+            hdict["x-request-id"] = str(uuid.uuid4())
+        if "x-forwarded-proto" not in hdict:
+            hdict["x-forwarded-proto"] = scheme
+        exp = hdict.get("expect")
+        if exp is not None and _first(exp).lower() == "100-continue":
+            del hdict["expect"]
+            if not hcm.proxy_100_continue and st.body is not None:
+                st.send_informational(100)
+        runtime = ctx.proxy.manager.runtime
+        table = hcm.route_table
+        if table is None and hcm.rds_name is not None:
+            table = runtime.routes.get(hcm.rds_name)
+        decision = None
+        if table is not None:
+            decision = table.match(authority, path, method, hdict, random_value=random64(),
+                                   scheme=scheme, strip_port=hcm.strip_any_host_port)
+        if decision is None:
+            hs.inc("no_route")
+            await _reply(st, 404, b"", "NR")
+            return
+        st.route_name = decision.route.name
+        st.cluster_name = decision.cluster or ""
+        extra: list[tuple[bytes, bytes]] = []
+        for f in hcm.http_filters:
+            kind = f.kind
+            if kind == "fault":
+                pf = decision.per_filter.get(f.name)
+                if isinstance(pf, FilterDisabled):
+                    continue
+                policy = pf if isinstance(pf, FaultPolicy) else f.fault
+                if policy is None:
+                    continue
+                fd = policy.evaluate(random64(), random64())
+                if fd.delay_s:
+                    hs.inc("fault.delays_injected")
+                    st.add_flag("DI")
+                    await asyncio.sleep(fd.delay_s)
+                if fd.abort_status is not None:
+                    hs.inc("fault.aborts_injected")
+                    await _reply(st, fd.abort_status, b"fault filter abort", "FI")
+                    return
+                if fd.abort_grpc_status is not None:
+                    hs.inc("fault.aborts_injected")
+                    st.send_response(200, [(b"content-type", b"application/grpc"),
+                                           (b"grpc-status", str(fd.abort_grpc_status).encode()),
+                                           (b"grpc-message", b"fault filter abort")], True)
+                    return
+            elif kind == "cors":
+                cors = decision.cors
+                if cors is None:
+                    continue
+                done = _cors(st, cors, method, hdict, extra)
+                if done:
+                    return
+            else:  # router
+                if decision.action is None:
+                    await route_local(st, decision, hdict, extra)
+                else:
+                    await forward(st, decision, hdict, authority, method, scheme, extra)
+                return
     except asyncio.CancelledError:
         if not raw.done:
             st.add_flag("DC")
@@ -235,88 +329,9 @@ async def handle_stream(raw: DownstreamStream) -> None:
             st.bytes_received = body.consumed
         if not raw.done and not st._flags:
             st.add_flag("DC")
+        tel = getattr(st.conn.ctx.proxy, "telemetry", None)
         if tel is not None:
             tel.http_done(st)
-
-
-async def _handle(st: Any) -> None:
-    conn = st.conn
-    ctx = conn.ctx
-    hcm = ctx.hcm
-    hs = conn._http_stats
-    hs.inc("downstream_rq_total")
-    head = st.head
-    hdict = header_map(head.headers)
-    authority = head.authority.decode("latin-1")
-    path = head.path.decode("latin-1")
-    method = head.method.decode("latin-1")
-    scheme = head.scheme.decode("latin-1") or "http"
-    st.hdict = hdict
-    st.method, st.path, st.authority = method, path, authority
-    ct = hdict.get("content-type")
-    if ct is not None and _first(ct).startswith("application/grpc"):
-        st.request_protocol = "grpc"
-    if hcm.generate_request_id and "x-request-id" not in hdict:
-        hdict["x-request-id"] = str(uuid.uuid4())
-    if "x-forwarded-proto" not in hdict:
-        hdict["x-forwarded-proto"] = scheme
-    exp = hdict.get("expect")
-    if exp is not None and _first(exp).lower() == "100-continue":
-        del hdict["expect"]
-        if not hcm.proxy_100_continue and st.body is not None:
-            st.send_informational(100)
-    runtime = ctx.proxy.manager.runtime
-    table = hcm.route_table
-    if table is None and hcm.rds_name is not None:
-        table = runtime.routes.get(hcm.rds_name)
-    decision = None
-    if table is not None:
-        decision = table.match(authority, path, method, hdict, random_value=random64(),
-                               scheme=scheme, strip_port=hcm.strip_any_host_port)
-    if decision is None:
-        hs.inc("no_route")
-        await _reply(st, 404, b"", "NR")
-        return
-    st.route_name = decision.route.name
-    st.cluster_name = decision.cluster or ""
-    extra: list[tuple[bytes, bytes]] = []
-    for f in hcm.http_filters:
-        kind = f.kind
-        if kind == "fault":
-            pf = decision.per_filter.get(f.name)
-            if isinstance(pf, FilterDisabled):
-                continue
-            policy = pf if isinstance(pf, FaultPolicy) else f.fault
-            if policy is None:
-                continue
-            fd = policy.evaluate(random64(), random64())
-            if fd.delay_s:
-                hs.inc("fault.delays_injected")
-                st.add_flag("DI")
-                await asyncio.sleep(fd.delay_s)
-            if fd.abort_status is not None:
-                hs.inc("fault.aborts_injected")
-                await _reply(st, fd.abort_status, b"fault filter abort", "FI")
-                return
-            if fd.abort_grpc_status is not None:
-                hs.inc("fault.aborts_injected")
-                st.send_response(200, [(b"content-type", b"application/grpc"),
-                                       (b"grpc-status", str(fd.abort_grpc_status).encode()),
-                                       (b"grpc-message", b"fault filter abort")], True)
-                return
-        elif kind == "cors":
-            cors = decision.cors
-            if cors is None:
-                continue
-            done = _cors(st, cors, method, hdict, extra)
-            if done:
-                return
-        else:  # router
-            if decision.action is None:
-                await route_local(st, decision, hdict, extra)
-            else:
-                await forward(st, decision, hdict, authority, method, scheme, extra)
-            return
 
 
 async def _reply(st: Any, status: int, body: bytes, flag: str) -> None:

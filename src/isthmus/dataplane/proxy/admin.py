@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,7 +120,7 @@ def _version() -> str:
         from importlib.metadata import version
 
         return version("isthmus")
-    except Exception:
+    except ImportError:  # PackageNotFoundError
         return "dev"
 
 
@@ -160,7 +161,7 @@ def _stats(proxy: Any, req: AdminRequest) -> Reply:
     flt = req.query.get("filter") or None
     try:
         text = proxy.stats.text(flt)
-    except Exception as exc:  # a bad regular expression
+    except re.error as exc:
         return _text(f"invalid regex: {exc}\n", 400)
     if fmt == "json":
         stats = []
@@ -215,14 +216,13 @@ def _logging(proxy: Any, req: AdminRequest) -> Reply:
         for k, v in req.query.items():
             if k == "paths":
                 for part in v.split(","):
-                    n, _, lv = part.partition(":")
-                    changes.append((n.strip(), lv.strip()))
+                    n, _, lvl = part.partition(":")
+                    changes.append((n.strip(), lvl.strip()))
             else:
                 changes.append((k, v))
         for name, level in changes:
             lv = _LEVELS.get(level.lower())
             if name == "level":
-                lv = _LEVELS.get(level.lower())
                 if lv is None:
                     return _text(f"error: unknown logger level {level!r}\n", 400)
                 for lg in loggers.values():
