@@ -67,10 +67,17 @@ def build_node(proxy_type: str, node_id: str | None, namespace: str, labels: dic
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--certs-dir", default=None, type=click.Path(file_okay=False),
               help="PEM files answering SDS secret names (default/, ROOTCA/, <credentialName>/).")
+@click.option("--health-port", default=15021, show_default=True, type=int,
+              help="Readiness /healthz/ready port (negative: off).")
+@click.option("--stats-port", default=15090, show_default=True, type=int,
+              help="Prometheus /stats/prometheus port (negative: off).")
+@click.option("--access-log-file", default="", help="Access log path (/dev/stdout; empty: off).")
+@click.option("--access-log-format", default=None, help="Envoy format string (default: Istio's).")
 def proxy(proxy_type: str, xds_address: str, node_id: str | None, namespace: str, labels: str,
           ip: str, pod_name: str | None, service_account: str, admin_port: int,
           admin_address: str, concurrency: int, xds_mode: str, drain_timeout: float,
-          mark: int | None, log_level: str, certs_dir: str | None) -> None:
+          mark: int | None, log_level: str, certs_dir: str | None, health_port: int,
+          stats_port: int, access_log_file: str, access_log_format: str | None) -> None:
     """Run a sidecar or router proxy fed by xDS."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -86,19 +93,31 @@ def proxy(proxy_type: str, xds_address: str, node_id: str | None, namespace: str
         uvloop.install()
     except ImportError:
         pass
+    obs = {"health_port": health_port if health_port >= 0 else None,
+           "stats_port": stats_port if stats_port >= 0 else None,
+           "access_log": _access_log(access_log_file, access_log_format)}
     asyncio.run(_run(xds_address, node, xds_mode, admin_address, admin_port, concurrency,
-                     drain_timeout, mark, log_level))
+                     drain_timeout, mark, log_level, obs))
+
+
+def _access_log(path: str, fmt: str | None):  # type: ignore[no-untyped-def]
+    if not path:
+        return None
+    from isthmus.observability import AccessLog
+    from isthmus.observability.access_log import ISTIO_DEFAULT_FORMAT
+
+    return AccessLog(path, fmt.encode().decode("unicode_escape") if fmt else ISTIO_DEFAULT_FORMAT)
 
 
 async def _run(xds_address: str, node, mode: str, admin_address: str,  # type: ignore[no-untyped-def]
                admin_port: int, concurrency: int, drain_timeout: float, mark: int | None,
-               log_level: str) -> None:
+               log_level: str, obs: dict | None = None) -> None:  # type: ignore[type-arg]
     from isthmus.dataplane.proxy.server import Proxy, ProxyCore
     from isthmus.dataplane.proxy.workers import WorkerPool
 
     core = ProxyCore(mark=mark, bind=concurrency == 1)
     p = Proxy(xds_address, node, mode=mode, admin_port=admin_port, admin_host=admin_address,
-              drain_timeout=drain_timeout, core=core)
+              drain_timeout=drain_timeout, core=core, **(obs or {}))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, p.request_stop)
