@@ -41,4 +41,5 @@ PY
 for f in src/isthmus/_proto/ca/v1/ca_pb2.py src/isthmus/_proto/ca/v1/ca_pb2_grpc.py; do
   { echo '# ruff: noqa'; echo '# mypy: ignore-errors'; cat "$f"; } > "$f.tmp" && mv "$f.tmp" "$f"
 done
+{ echo '# ruff: noqa'; cat src/isthmus/_proto/ca/v1/ca_pb2.pyi; } > src/isthmus/_proto/ca/v1/ca_pb2.pyi.tmp && mv src/isthmus/_proto/ca/v1/ca_pb2.pyi.tmp src/isthmus/_proto/ca/v1/ca_pb2.pyi
 echo "generated: $(ls src/isthmus/_proto/ca/v1)"

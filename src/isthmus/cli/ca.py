@@ -140,7 +140,10 @@ def serve(ca_dir: Path, trust_domain: str, host: str, port: int, tokens: Path | 
           server_names: tuple[str, ...], server_ips: tuple[str, ...], log_level: str) -> None:
     """Serve istio.v1.auth.IstioCertificateService (CSR → chain) over TLS."""
     from isthmus.controlplane.ca import pki
-    from isthmus.controlplane.ca.authn import KubernetesTokenReviewAuthenticator, StaticTokenAuthenticator
+    from isthmus.controlplane.ca.authn import (
+        KubernetesTokenReviewAuthenticator,
+        StaticTokenAuthenticator,
+    )
     from isthmus.controlplane.ca.authority import CertificateAuthority
     from isthmus.controlplane.ca.service import DEFAULT_SERVER_NAMES, CaServer
 

@@ -108,7 +108,7 @@ class AtomicReader(threading.Thread):
             except FileNotFoundError:
                 time.sleep(0.001)  # not written yet, or an old generation just removed
                 continue
-            except Exception as exc:  # a partial or mismatched read
+            except Exception as exc:  # noqa: BLE001 - a partial or mismatched read
                 self.errors.append(repr(exc))
                 continue
             if not pki.same_public_key(leaf.public_key(), key.public_key()):

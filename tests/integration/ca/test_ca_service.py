@@ -4,8 +4,8 @@ authorization (own identity only), bad input, plugged-in intermediates, root rot
 from __future__ import annotations
 
 import datetime as dt
-import ssl
 import socket
+import ssl
 
 import grpc
 import pytest
@@ -108,9 +108,11 @@ async def test_plain_tcp_and_wrong_root_clients_are_refused(setup):
             assert await _code(call, _request(), md) == grpc.StatusCode.UNAVAILABLE
         # the serving cert names istiod and chains to the mesh root
         ctx = ssl.create_default_context(cadata=bundle_pem(authority).decode())
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
-            with ctx.wrap_socket(raw, server_hostname="istiod.istio-system.svc") as tls:
-                assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        with (
+            socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname="istiod.istio-system.svc") as tls,
+        ):
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
 
 
 async def test_plugged_in_intermediate(setup, tmp_path):
@@ -139,7 +141,7 @@ async def test_root_rotation_overlap_through_the_service(setup):
         new_root = authority.rotate_root(overlap=dt.timedelta(hours=1))
         # the serving certificate is re-issued from the new root on the next handshake
         async with ca_client(server.port, pki.cert_to_pem(new_root)) as call:
-            leaf, inter, roots = _parse(list((await call(_request(), metadata=md, timeout=5)).cert_chain))
+            leaf, _, roots = _parse(list((await call(_request(), metadata=md, timeout=5)).cert_chain))
         assert len(roots) == 2 and roots[0] == new_root
         assert pki.issued_by(leaf, new_root)
         now = utcnow()

@@ -20,7 +20,7 @@ from isthmus.dataplane.agent.rotator import renewal_time, retry_delay
 from isthmus.dataplane.agent.sds import build_secrets
 from isthmus.dataplane.agent.secrets import SecretStore, WorkloadCertificate
 
-NOW = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 ME = Identity("default", "bookinfo")
 
 
@@ -61,7 +61,7 @@ def fetcher() -> CertificateFetcher:
 def test_check_response_accepts_a_good_chain(ca):
     key = pki.generate_key()
     issued = ca.sign_csr(pki.build_csr(key, ME), ME)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = fetcher().check_response(issued.pem_chain(), key, now)
     assert cert.identity == str(ME) and cert.serial == issued.leaf.serial_number
     assert cert.roots_pem == pki.certs_to_pem(ca.trust_bundle())
@@ -71,7 +71,7 @@ def test_check_response_accepts_a_good_chain(ca):
 def test_check_response_refuses_bad_answers(ca):
     key = pki.generate_key()
     good = ca.sign_csr(pki.build_csr(key, ME), ME).pem_chain()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     f = fetcher()
     with pytest.raises(FetchError, match="chain elements"):
         f.check_response(good[:1], key, now)

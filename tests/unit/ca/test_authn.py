@@ -87,7 +87,7 @@ class FakeApiServer:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append((self.path, dict(self.headers), body))
                 if self.path != "/apis/authentication.k8s.io/v1/tokenreviews":
@@ -135,7 +135,7 @@ def test_token_review_accepts_a_service_account_token(api):
     server.reviews["pod-token"] = {"authenticated": True, "audiences": ["istio-ca"],
                                    "user": {"username": "system:serviceaccount:default:bookinfo"}}
     assert run(auth.authenticate("pod-token")) == Caller("default", "bookinfo")
-    path, headers, body = server.requests[0]
+    _, headers, body = server.requests[0]
     assert body == {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                     "spec": {"token": "pod-token", "audiences": ["istio-ca"]}}
     assert headers["Content-Type"] == "application/json"
@@ -164,7 +164,7 @@ def test_token_review_rejections(api, status, match):
 
 
 def test_token_review_http_errors_explain(api, tmp_path):
-    server, auth = api
+    _, auth = api
     (tmp_path / "token").write_text("wrong")
     with pytest.raises(AuthenticationError, match="HTTP 401.*RBAC"):
         run(auth.authenticate("t"))

@@ -14,7 +14,7 @@ from isthmus.controlplane.ca import pki
 from isthmus.controlplane.ca.authority import CertificateAuthority, SigningMaterial
 from isthmus.core.identity import Identity
 
-NOW = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 H = dt.timedelta(hours=1)
 ME = Identity("default", "bookinfo")
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from isthmus.controlplane.ca import pki
 from isthmus.core.identity import Identity
 
-NOW = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 ME = Identity("default", "bookinfo")
 
 
@@ -35,7 +35,7 @@ def _csr_with_sans(key: pki.PrivateKey, sans: list[x509.GeneralName]) -> bytes:
 
 
 def test_root_is_a_constrained_ca(root):
-    cert, key = root
+    cert, _ = root
     bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
     assert bc.critical and bc.value.ca and bc.value.path_length == 1
     ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value

@@ -80,7 +80,7 @@ class StaticTokenAuthenticator:
             self._reload(force=True)
 
     @classmethod
-    def from_file(cls, path: Path | str) -> "StaticTokenAuthenticator":
+    def from_file(cls, path: Path | str) -> StaticTokenAuthenticator:
         return cls(path=path)
 
     def issue(self, namespace: str, service_account: str) -> str:

@@ -35,6 +35,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -50,10 +51,11 @@ CERT_CHAIN = "cert-chain.pem"
 ROOT_CERT = "root-cert.pem"
 ROTATION = "rotation.json"
 NEXT_PREFIX = "next-"
+_DEFAULT_CSR_LIMITS = pki.CsrLimits()
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +91,7 @@ class SigningMaterial:
         key_type: str = "ec",
         ttl: dt.timedelta = pki.DEFAULT_ROOT_TTL,
         now: dt.datetime | None = None,
-    ) -> "SigningMaterial":
+    ) -> SigningMaterial:
         key = pki.generate_key(key_type)
         root = pki.create_root(key, trust_domain=trust_domain, now=now or utcnow(), ttl=ttl)
         return cls(root, key, (), root)
@@ -103,7 +105,7 @@ class SigningMaterial:
         chain_pem: bytes = b"",
         roots: Sequence[x509.Certificate] = (),
         where: str = "CA",
-    ) -> "SigningMaterial":
+    ) -> SigningMaterial:
         """Check and assemble plugged-in material: the key matches, every certificate
         signs the one below it, the top is issued by (or is) one of ``roots``."""
         certs = pki.load_certs_pem(cert_pem, what=f"{where} {CA_CERT}")
@@ -193,7 +195,7 @@ class CertificateAuthority:
         roots: Sequence[TrustedRoot] = (),
         default_ttl: dt.timedelta = pki.DEFAULT_WORKLOAD_TTL,
         max_ttl: dt.timedelta = pki.MAX_WORKLOAD_TTL,
-        csr_limits: pki.CsrLimits = pki.CsrLimits(),
+        csr_limits: pki.CsrLimits = _DEFAULT_CSR_LIMITS,
         pending: tuple[SigningMaterial, dt.datetime] | None = None,
     ) -> None:
         self.trust_domain = trust_domain
@@ -216,17 +218,17 @@ class CertificateAuthority:
         key_type: str = "ec",
         root_ttl: dt.timedelta = pki.DEFAULT_ROOT_TTL,
         now: dt.datetime | None = None,
-        **kwargs: object,
-    ) -> "CertificateAuthority":
+        **kwargs: Any,
+    ) -> CertificateAuthority:
         signer = SigningMaterial.self_signed_root(
             trust_domain=trust_domain, key_type=key_type, ttl=root_ttl, now=now
         )
-        return cls(signer, trust_domain=trust_domain, **kwargs)  # type: ignore[arg-type]
+        return cls(signer, trust_domain=trust_domain, **kwargs)
 
     @classmethod
     def from_directory(
-        cls, directory: Path | str, *, trust_domain: str = DEFAULT_TRUST_DOMAIN, **kwargs: object
-    ) -> "CertificateAuthority":
+        cls, directory: Path | str, *, trust_domain: str = DEFAULT_TRUST_DOMAIN, **kwargs: Any
+    ) -> CertificateAuthority:
         """Load a plugged-in or previously saved CA from ``directory`` (``cacerts`` layout)."""
         d = Path(directory)
         missing = [n for n in (CA_CERT, CA_KEY) if not (d / n).is_file()]
@@ -267,7 +269,7 @@ class CertificateAuthority:
             except (ValueError, KeyError, OSError) as exc:
                 raise pki.PkiError(f"{d / ROTATION}: unreadable rotation state ({exc})") from None
         trusted = [TrustedRoot(r, until.get(pki.fingerprint(r))) for r in roots]
-        return cls(signer, trust_domain=trust_domain, roots=trusted, pending=pending, **kwargs)  # type: ignore[arg-type]
+        return cls(signer, trust_domain=trust_domain, roots=trusted, pending=pending, **kwargs)
 
     @classmethod
     def load_or_create(
@@ -276,8 +278,8 @@ class CertificateAuthority:
         *,
         trust_domain: str = DEFAULT_TRUST_DOMAIN,
         key_type: str = "ec",
-        **kwargs: object,
-    ) -> "CertificateAuthority":
+        **kwargs: Any,
+    ) -> CertificateAuthority:
         """istiod's default: use the CA in ``directory`` if there is one, else create a
         self-signed root there (so restarts keep the same root)."""
         d = Path(directory)

@@ -24,7 +24,6 @@ import hashlib
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -36,7 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from isthmus.core.errors import IsthmusError
 from isthmus.core.identity import Identity
 
-PrivateKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey]
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 #: Istio's default workload certificate lifetime and its default maximum (90 days).
 DEFAULT_WORKLOAD_TTL = dt.timedelta(hours=24)
@@ -113,7 +112,7 @@ def load_key_pem(data: bytes, *, what: str = "private key") -> PrivateKey:
     return key
 
 
-def _signing_hash(key: PrivateKey) -> hashes.HashAlgorithm:
+def _signing_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
         return hashes.SHA384()
     return hashes.SHA256()

@@ -151,7 +151,7 @@ class ServingCertificate:
         self.ip_addresses = tuple(ip_addresses)
         self.ttl = ttl
         self._lock = threading.Lock()
-        self._renew_at = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+        self._renew_at = dt.datetime.min.replace(tzinfo=dt.UTC)
         self._generation = -1
         self.config = self._issue()
 

@@ -64,7 +64,7 @@ class CertificateFetcher:
         key_type: str = "ec",
         ttl_seconds: int = 0,
         timeout: float = 10.0,
-        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         self.ca_address = ca_address
         self.identity = identity

@@ -57,7 +57,7 @@ class Rotator:
         jitter: float = 0.05,
         backoff_initial: float = 1.0,
         backoff_max: float = 30.0,
-        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         self.fetch = fetch
         self.store = store
@@ -91,7 +91,7 @@ class Rotator:
         """Sleep unless stopped first; True if stopped."""
         try:
             await asyncio.wait_for(self._stop.wait(), timeout=max(seconds, 0.0))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
@@ -102,7 +102,7 @@ class Rotator:
                 cert = await self.fetch()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure: keep the old cert, retry
                 self.failures += 1
                 self.last_error = str(exc)
                 delay = retry_delay(attempt, initial=self.backoff_initial, maximum=self.backoff_max)

@@ -30,12 +30,17 @@ import os
 from pathlib import Path
 
 import grpc
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
-from isthmus.dataplane.agent.secrets import ROOT_SECRET, WORKLOAD_SECRET, SecretStore, WorkloadCertificate
+from isthmus.dataplane.agent.secrets import (
+    ROOT_SECRET,
+    WORKLOAD_SECRET,
+    SecretStore,
+    WorkloadCertificate,
+)
 
 log = logging.getLogger(__name__)
 
