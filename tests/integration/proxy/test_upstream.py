@@ -142,9 +142,15 @@ def test_consistent_hash_by_header_pins_users_and_moves_few_keys(policy: int) ->
             moved = {u for u in users if before[u] != after[u]}
             on_gone = {u for u in users if before[u] == gone.name}
             assert on_gone <= moved and gone.name not in after.values()
-            # ~1/N: the removed host's keys, plus a few more because Envoy rescales the
-            # ring/table for the new host count (as Envoy does)
-            assert len(moved) <= 40, f"{len(moved)} of 100 keys moved (expected ~25)"
+            # ~1/N: the removed host's keys, plus some more because the ring/table is
+            # rebuilt for the new host count exactly as Envoy does (each remaining host
+            # gets more ring entries; simulated: ring 19-46 of 100 moved, maglev 16-34).
+            # Keys of the remaining hosts mostly stay (random reassignment keeps ~1/3).
+            others = [u for u in users if before[u] != gone.name]
+            stayed = sum(1 for u in others if after[u] == before[u]) / len(others)
+            assert stayed >= 0.65, f"only {stayed:.0%} of the other keys stayed"
+            limit = 55 if policy == cluster_pb2.Cluster.RING_HASH else 42
+            assert len(moved) <= limit, f"{len(moved)} of 100 keys moved (expected ~25-35)"
         finally:
             await c.close()
             await stop_all(h, *hs)
@@ -217,7 +223,7 @@ def test_least_request_prefers_the_idle_host_under_a_slow_one() -> None:
         port = free_port()
         name = "lr"
         lr = cluster_pb2.Cluster.LeastRequestLbConfig()
-        lr.choice_count.value = 8
+        lr.choice_count.value = 16  # P(all samples hit the busy host) = 2**-16
         h = Harness()
         proxy = await h.start({
             CDS: [lb_cluster(name, cluster_pb2.Cluster.LEAST_REQUEST, least_request_lb_config=lr)],
