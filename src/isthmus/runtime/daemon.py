@@ -42,7 +42,7 @@ import yaml
 
 from isthmus.api.parse import load_paths, load_text
 from isthmus.core.errors import IsthmusError, Severity
-from isthmus.runtime import gateways, network
+from isthmus.runtime import certs, gateways, network
 from isthmus.runtime.forward import Forwarder
 from isthmus.runtime.images import PROJECT_ROOT
 from isthmus.runtime.inject import PROXY_ADMIN_PORT, IstioSidecarInjector, proxy_available
@@ -205,6 +205,10 @@ class Daemon:
             self._diag(f"warning: {len(asked)} pods ask for a sidecar but sidecars are off "
                        f"({why}); they run without one", False)
         self.sidecars = want_sidecars
+        if self.opts.controlplane and certs.proxy_pods(plan):
+            # Workload certificates (what istiod's CA + pilot-agent provide) for auto-mTLS.
+            dirs = await asyncio.to_thread(certs.issue, plan, self.state.path / "certs")
+            plan = certs.with_certs(plan, dirs)
         self.plan = plan
         if not plan.pods:
             self._diag("warning: the manifests define no pods (Deployments or Pods)", False)
