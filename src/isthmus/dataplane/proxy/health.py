@@ -140,20 +140,20 @@ def compile_health_checks(ctx: Ctx, cluster: Any, path: str = "health_checks"
     def opt(name: str) -> float | None:
         return duration_s(getattr(hc, name)) if hc.HasField(name) else None
 
-    kw: dict[str, Any] = dict(
-        timeout_s=duration_s(hc.timeout), interval_s=duration_s(hc.interval),
-        unhealthy_threshold=max(1, hc.unhealthy_threshold.value),
-        healthy_threshold=max(1, hc.healthy_threshold.value),
-        initial_jitter_s=opt("initial_jitter") or 0.0,
-        interval_jitter_s=opt("interval_jitter") or 0.0,
-        interval_jitter_percent=hc.interval_jitter_percent,
-        no_traffic_interval_s=opt("no_traffic_interval") or 60.0,
-        no_traffic_healthy_interval_s=opt("no_traffic_healthy_interval"),
-        unhealthy_interval_s=opt("unhealthy_interval"),
-        unhealthy_edge_interval_s=opt("unhealthy_edge_interval"),
-        healthy_edge_interval_s=opt("healthy_edge_interval"),
-        reuse_connection=wrapped(hc, "reuse_connection", True),
-    )
+    kw: dict[str, Any] = {
+        "timeout_s": duration_s(hc.timeout), "interval_s": duration_s(hc.interval),
+        "unhealthy_threshold": max(1, hc.unhealthy_threshold.value),
+        "healthy_threshold": max(1, hc.healthy_threshold.value),
+        "initial_jitter_s": opt("initial_jitter") or 0.0,
+        "interval_jitter_s": opt("interval_jitter") or 0.0,
+        "interval_jitter_percent": hc.interval_jitter_percent,
+        "no_traffic_interval_s": opt("no_traffic_interval") or 60.0,
+        "no_traffic_healthy_interval_s": opt("no_traffic_healthy_interval"),
+        "unhealthy_interval_s": opt("unhealthy_interval"),
+        "unhealthy_edge_interval_s": opt("unhealthy_edge_interval"),
+        "healthy_edge_interval_s": opt("healthy_edge_interval"),
+        "reuse_connection": wrapped(hc, "reuse_connection", True),
+    }
     which = hc.WhichOneof("health_checker")
     if which == "http_health_check":
         h = hc.http_health_check
