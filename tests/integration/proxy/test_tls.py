@@ -511,3 +511,59 @@ async def _client_hello() -> bytes:
     with pytest.raises(ssl.SSLWantReadError):
         obj.do_handshake()
     return out.read()
+
+
+def test_alpn_h2_selects_http2_downstream_on_a_tls_gateway(pki: tuple[CA, str]) -> None:
+    """A TLS chain offering h2/http/1.1: a client that negotiates h2 is served by the
+    HTTP/2 codec (the negotiated ALPN reaches the HCM), one negotiating http/1.1 by
+    HTTP/1.1."""
+    from isthmus.dataplane.sansio.events import Data as DataEv
+    from isthmus.dataplane.sansio.events import ResponseHeaders
+    from isthmus.dataplane.sansio.http2 import H2ClientConnection
+
+    ca, d = pki
+    ca.issue(dns=("gw.example",)).write(d, "gw")
+
+    async def body() -> None:
+        up = Upstream("plain")
+        await up.start()
+        port = free_port()
+        lis = http_listener("gw", port, "r")
+        lis.filter_chains[0].transport_socket.CopyFrom(
+            downstream_ts(sds="kubernetes://gw", alpn=("h2", "http/1.1")))
+        h = Harness()
+        await h.start({CDS: [static_cluster("plain", up.port)], EDS: [], LDS: [lis],
+                       RDS: [route_config("r", prefix_route("/", "plain"))]})
+        try:
+            ctx = tls.build_context(tls.TlsContextConfig(server=False), ("h2", "http/1.1"),
+                                    b"", b"", ca.pem)
+            r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                                 server_hostname="gw.example")
+            assert w.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+            codec = H2ClientConnection()
+            sid = codec.send_request(b"GET", b"/h2", b"gw.example", [], end_stream=True)
+            w.write(codec.data_to_send())
+            status, got = 0, b""
+            done = False
+            while not done:
+                data = await asyncio.wait_for(r.read(65536), 5)
+                assert data, "connection closed before the response"
+                for ev in codec.receive_data(data):
+                    if isinstance(ev, ResponseHeaders) and ev.stream_id == sid:
+                        status, done = ev.status, ev.end_stream
+                    elif isinstance(ev, DataEv) and ev.stream_id == sid:
+                        got += ev.data
+                        done = ev.end_stream
+                out = codec.data_to_send()
+                if out:
+                    w.write(out)
+            w.close()
+            assert (status, got) == (200, b"ok")
+            st, body_, _ = await tls_http_get(port, "gw.example", ca.pem, "/h1")
+            assert (st, body_) == (200, b"ok")
+            assert [q.path for q in up.requests] == [b"/h2", b"/h1"]
+        finally:
+            await h.stop()
+            await up.stop()
+
+    run(body)
