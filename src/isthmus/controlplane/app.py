@@ -41,6 +41,11 @@ class ControlPlaneOptions:
     xds_port: int = 15010
     http_host: str = "127.0.0.1"
     http_port: int = 15014  # monitoring/debug + config API
+    ca_dir: Path | None = None  # Istio "cacerts" layout; a self-signed root is created if empty
+    ca_host: str = "0.0.0.0"
+    ca_port: int = 15012
+    ca_tokens_file: Path | None = None  # local runtime: {"<token>": {"namespace":..,"serviceAccount":..}}
+    ca_kube_api: str | None = None  # on Kubernetes: TokenReview against this API server
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -54,6 +59,10 @@ class ControlPlane:
         self.server = XdsServer(self.cache, self._provide, port=options.xds_port, host=options.xds_host)
         self.directory = DirectorySource(self.store, options.config_dir) if options.config_dir else None
         self.http: Any = None
+        self.ca: Any = None
+        self.ca_server: Any = None
+        if options.ca_dir is not None:
+            self._init_ca(options)
         self._mesh: MeshSnapshot | None = None
         self._mesh_version = -1
         self._proxies: dict[str, ProxyNode] = {}
@@ -68,6 +77,18 @@ class ControlPlane:
         self.pushes = 0
         self.last_push_seconds = 0.0
 
+    def _init_ca(self, options: ControlPlaneOptions) -> None:
+        """The CA signs workload certificates over gRPC+TLS on 15012 (Istio's service shape)."""
+        from isthmus.controlplane.ca.authn import KubernetesTokenReviewAuthenticator, StaticTokenAuthenticator
+        from isthmus.controlplane.ca.authority import CertificateAuthority
+        from isthmus.controlplane.ca.service import CaServer
+
+        assert options.ca_dir is not None
+        self.ca = CertificateAuthority.load_or_create(options.ca_dir, trust_domain=options.mesh.trust_domain)
+        authn = (KubernetesTokenReviewAuthenticator(options.ca_kube_api) if options.ca_kube_api
+                 else StaticTokenAuthenticator(path=options.ca_tokens_file))
+        self.ca_server = CaServer(self.ca, authn, host=options.ca_host, port=options.ca_port)
+
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -75,6 +96,8 @@ class ControlPlane:
             self.directory.scan()
         self.store.subscribe(self._on_change)
         await self.server.start()
+        if self.ca_server is not None:
+            await self.ca_server.start()
         from isthmus.controlplane.http_api import ControlPlaneHttp
 
         self.http = ControlPlaneHttp(self, self.options.http_host, self.options.http_port)
@@ -87,6 +110,8 @@ class ControlPlane:
         await self._debouncer.close(flush=False)
         if self.http is not None:
             await self.http.stop()
+        if self.ca_server is not None:
+            await self.ca_server.stop(0.5)
         await self.server.stop(0.5)
         await self._tasks.cancel_all()
 
