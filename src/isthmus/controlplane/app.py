@@ -79,7 +79,10 @@ class ControlPlane:
 
     def _init_ca(self, options: ControlPlaneOptions) -> None:
         """The CA signs workload certificates over gRPC+TLS on 15012 (Istio's service shape)."""
-        from isthmus.controlplane.ca.authn import KubernetesTokenReviewAuthenticator, StaticTokenAuthenticator
+        from isthmus.controlplane.ca.authn import (
+            KubernetesTokenReviewAuthenticator,
+            StaticTokenAuthenticator,
+        )
         from isthmus.controlplane.ca.authority import CertificateAuthority
         from isthmus.controlplane.ca.service import CaServer
 
