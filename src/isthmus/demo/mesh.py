@@ -105,10 +105,12 @@ class Mesh:
                        timeout=120, check=False)
 
 
-def up(name: str, ingress_port: int, api_port: int, directory: Path = CLUSTER_DIR,
+def up(name: str, ingress_port: int, api_port: int,
+       directory: Path | Sequence[Path] = CLUSTER_DIR,
        echo: Callable[[str], None] | None = None, timeout: float = 120) -> Mesh:
-    """``isthmus up DIRECTORY`` (progress lines to ``echo``); raises if it fails."""
-    argv = isthmus_argv("up", str(directory), "--name", name, "--ingress-port",
+    """``isthmus up DIRECTORY...`` (progress lines to ``echo``); raises if it fails."""
+    dirs = [directory] if isinstance(directory, Path) else list(directory)
+    argv = isthmus_argv("up", *map(str, dirs), "--name", name, "--ingress-port",
                         str(ingress_port), "--api-port", str(api_port),
                         "--timeout", str(int(timeout)))
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -154,14 +156,17 @@ def get(url: str, headers: dict[str, str] | None = None, timeout: float = 10) ->
 def reviews_version(reply: Reply) -> str:
     """Which reviews version answered productpage's ``/api/v1/products/<id>/reviews``:
     v1 (no ratings), v2 (black stars), v3 (red stars); else ``error <status>``."""
+    try:
+        data = reply.json() if reply.body else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and "reviews" not in data and "unavailable" in str(
+            data.get("error", "")):
+        return "unavailable"  # productpage could not get reviews (its status is 500)
     if reply.status != 200:
         return f"error {reply.status or reply.error}"
-    try:
-        data = reply.json()
-    except ValueError:
-        return "error body"
     if not isinstance(data, dict) or "reviews" not in data:
-        return "unavailable"
+        return "error body"
     reviews = data["reviews"]
     colors = {r.get("rating", {}).get("color") for r in reviews if isinstance(r, dict)}
     if not any(isinstance(r, dict) and "rating" in r for r in reviews):
