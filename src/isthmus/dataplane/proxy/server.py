@@ -142,6 +142,7 @@ class Proxy:
             await self.core.drain(self.drain_timeout)
         await self.client.stop()
         await self.core.close()
+        self.core.manager.clusters.stop()  # health checks, DNS refresh, outlier timers
         if self.workers is not None:
             await self.workers.stop(self.drain_timeout)
         if self.admin is not None:
