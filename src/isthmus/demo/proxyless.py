@@ -76,7 +76,7 @@ spec:
 
 
 def start_backends(port: int) -> list[grpc.Server]:
-    servers = []
+    servers: list[grpc.Server] = []
     for name, ip in BACKENDS:
         server = grpc.server(futures.ThreadPoolExecutor(4))
         server.add_generic_rpc_handlers((make_handler(name),))
