@@ -83,14 +83,14 @@ def run(quick: bool = False) -> tuple[str, dict[str, Any]]:
         out["sat_rps_ratio"], out["sat_cpu_ratio"] = rps_ratio, cpu_ratio
         rows = []
         for name, m in sat_res.items():
-            rows.append([name, m.load.rps, m.cpu_us_per_req, m.load.requests, m.load.errors + m.load.non2xx,
-                         busy_cell(m)])
-        rows.append(["isthmus ÷ nginx", rps_ratio, cpu_ratio, "", "",
+            rows.append([name, m.load.rps, m.cpu_us_per_req, 1e6 / m.cpu_us_per_req, m.load.requests,
+                         m.load.errors + m.load.non2xx, busy_cell(m)])
+        rows.append(["isthmus ÷ nginx", rps_ratio, cpu_ratio, 1 / cpu_ratio, "", "",
                      f"target rps ≥ 0.8×: {verdict(rps_ratio >= 0.8)}"])
         md.append(table(f"L7 saturation: wrk -t1 -c{SAT_CONNECTIONS} -d{secs}s, Host over 100 vhosts, "
                         f"GET {REQ_PATH}, 1 KiB responses",
-                        ["proxy (core 0)", "requests/s", "CPU µs/request", "requests", "errors+non-2xx",
-                         "core 0 / core 1 busy (others)"], rows))
+                        ["proxy (core 0)", "requests/s", "CPU µs/request", "rps per core (10⁶/µs)", "requests",
+                         "errors+non-2xx", "core 0 / core 1 busy (others)"], rows))
 
         # 2. added latency at a fixed rate
         lat = {}
@@ -98,7 +98,8 @@ def run(quick: bool = False) -> tuple[str, dict[str, Any]]:
         for name, (_proc, p) in targets.items():
             url = f"http://127.0.0.1:{p}"
             warm(url, sat, seconds=1)
-            r = run_wrk(url, connections=LAT_CONNECTIONS, seconds=secs, script=paced, latency=True)
+            r = measure(_proc or ng, lambda url=url: run_wrk(url, connections=LAT_CONNECTIONS, seconds=secs,
+                                                             script=paced, latency=True)).load
             lat[name] = r
             out[f"lat_{name.split()[0]}"] = {"rps": r.rps, "latency_ms": r.latency_ms,
                                             "errors": r.errors + r.non2xx}
