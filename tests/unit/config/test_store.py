@@ -97,3 +97,19 @@ def test_directory_scan_and_removed_files(tmp_path: Path):
     (tmp_path / "vs.yaml").unlink()
     source.scan()
     assert store.get(VS_KEY) is None and store.get(DR_KEY) is not None
+
+
+def test_a_status_only_change_is_a_change():
+    """Pod readiness lives in status: flipping it must reach the proxies (endpoints)."""
+    pod = """\
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: default, labels: {app: a}}
+spec: {containers: [{name: c, image: i}]}
+status: {podIP: 10.0.0.5, conditions: [{type: Ready, status: '%s'}]}
+"""
+    store = ConfigStore()
+    store.update_source_text("file:p", pod % "False", "p.yaml")
+    v = store.version
+    store.update_source_text("file:p", pod % "True", "p.yaml")
+    assert store.version == v + 1

@@ -38,7 +38,8 @@ class SourceState:
 
 
 def same_content(a: Resource, b: Resource) -> bool:
-    return a.api_version == b.api_version and a.metadata == b.metadata and a.spec == b.spec
+    return (a.api_version == b.api_version and a.metadata == b.metadata and a.spec == b.spec
+            and a.status == b.status)
 
 
 def raw_key(data: Any, default_namespace: str = DEFAULT_NAMESPACE) -> ResourceKey | None:
