@@ -12,7 +12,11 @@ Sidecar / DestinationRule / VirtualServices / Gateways apply to it) from indexes
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from isthmus.api.meta import Resource
@@ -33,9 +37,331 @@ if TYPE_CHECKING:
     from isthmus.controlplane.model.proxy import ProxyNode
 
 
+class MeshConfigError(ValueError):
+    """An invalid mesh config; the message names the file and the field (Istio's camelCase
+    path, e.g. ``extensionProviders[1].envoyExtAuthzHttp.port``)."""
+
+    def __init__(self, message: str, *, file: str = "", field: str = "") -> None:
+        self.file, self.field, self.reason = file, field, message
+        where = file or "<mesh config>"
+        super().__init__(f"{where}: {field}: {message}" if field else f"{where}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class ExtAuthzRequestBody:
+    """Istio's ``includeRequestBodyInCheck`` (Envoy ``with_request_body``)."""
+
+    max_request_bytes: int = 0
+    allow_partial_message: bool = False
+    pack_as_bytes: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyExtAuthzHttpProvider:
+    """Istio's ``envoyExtAuthzHttp`` extension provider. ``timeout`` in seconds (None:
+    Istio's default, 600 s); header lists take exact names, ``x*`` prefixes and ``*x``
+    suffixes (case-insensitive); ``include_additional_headers_in_check`` is sorted by name."""
+
+    service: str
+    port: int
+    timeout: float | None = None
+    path_prefix: str = ""
+    fail_open: bool = False
+    status_on_error: str = ""
+    include_request_headers_in_check: tuple[str, ...] = ()
+    include_headers_in_check: tuple[str, ...] = ()  # deprecated alias of the above
+    include_additional_headers_in_check: tuple[tuple[str, str], ...] = ()
+    include_request_body_in_check: ExtAuthzRequestBody | None = None
+    headers_to_upstream_on_allow: tuple[str, ...] = ()
+    headers_to_downstream_on_deny: tuple[str, ...] = ()
+    headers_to_downstream_on_allow: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyExtAuthzGrpcProvider:
+    """Istio's ``envoyExtAuthzGrpc`` extension provider (``envoy.service.auth.v3.Authorization``)."""
+
+    service: str
+    port: int
+    timeout: float | None = None
+    fail_open: bool = False
+    status_on_error: str = ""
+    include_request_body_in_check: ExtAuthzRequestBody | None = None
+
+
+EXT_AUTHZ_HTTP, EXT_AUTHZ_GRPC = "envoyExtAuthzHttp", "envoyExtAuthzGrpc"
+# Istio's other provider kinds: kept untyped (``raw``) for the telemetry side.
+OTHER_PROVIDER_KINDS = frozenset({
+    "zipkin", "lightstep", "datadog", "stackdriver", "opencensus", "skywalking", "opentelemetry",
+    "prometheus", "envoyFileAccessLog", "envoyHttpAls", "envoyTcpAls", "envoyOtelAls", "sds",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionProvider:
+    """One entry of Istio's ``extensionProviders``: a name and exactly one provider body.
+    ``kind`` is the body's key as written (``envoyExtAuthzHttp``, ``zipkin``, ...); ext_authz
+    bodies are typed, other kinds stay as plain data in ``raw``."""
+
+    name: str
+    kind: str
+    envoy_ext_authz_http: EnvoyExtAuthzHttpProvider | None = None
+    envoy_ext_authz_grpc: EnvoyExtAuthzGrpcProvider | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_data(cls, data: Any, *, file: str = "", path: str = "extensionProviders[0]") -> ExtensionProvider:
+        return _parse_provider(_Reader(file), data, path)
+
+
+_IGNORED_ISTIO_FIELDS = frozenset({
+    # Istio MeshConfig fields accepted in mesh.yaml but not (yet) honoured by Isthmus.
+    "accessLogFile", "accessLogFormat", "accessLogEncoding", "enableTracing", "defaultConfig",
+    "defaultProviders", "enablePrometheusMerge", "localityLbSetting", "discoverySelectors",
+    "trustDomainAliases", "caCertificates", "meshMTLS", "tlsDefaults", "defaultServiceExportTo",
+    "defaultVirtualServiceExportTo", "defaultDestinationRuleExportTo", "serviceSettings",
+    "enableEnvoyAccessLogService", "disableEnvoyListenerLog", "inboundTrafficPolicy",
+    "ingressClass", "ingressService", "ingressControllerMode", "certificates", "thriftConfig",
+    "verifyCertificateAtClient", "proxyHttpPort", "proxyListenPort", "tcpKeepalive",
+    "configSources", "outboundClusterStatName", "inboundClusterStatName", "pathNormalization",
+    "serviceScopeConfigs", "enableAutoSni", "proxyInboundListenPort",
+    "reportBatchMaxEntries", "reportBatchMaxTime", "mixerCheckServer",
+    "mixerReportServer", "sdsUdsPath", "meshNetworks", "extensionProvidersDefaults",
+})
+
+
+def _snake(key: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", key).lower()
+
+
+class _Reader:
+    """Typed field access over YAML data, raising MeshConfigError with file and field."""
+
+    __slots__ = ("file",)
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def fail(self, path: str, message: str) -> MeshConfigError:
+        return MeshConfigError(message, file=self.file, field=path)
+
+    def mapping(self, v: Any, path: str) -> dict[str, Any]:
+        if v is None:
+            return {}
+        if not isinstance(v, Mapping):
+            raise self.fail(path, f"expected a mapping, got {type(v).__name__}")
+        return dict(v)
+
+    def fields(self, v: Any, path: str, known: Iterable[str]) -> dict[str, Any]:
+        """The mapping with keys normalised to snake_case; unknown keys are errors."""
+        data = self.mapping(v, path)
+        allowed = {_snake(k) for k in known}
+        out: dict[str, Any] = {}
+        for k, val in data.items():
+            s = _snake(str(k))
+            if s not in allowed:
+                raise self.fail(f"{path}.{k}" if path else str(k),
+                                f"unknown field (known: {', '.join(sorted(known))})")
+            out[s] = val
+        return out
+
+    def string(self, v: Any, path: str) -> str:
+        if v is None:
+            return ""
+        if not isinstance(v, str):
+            raise self.fail(path, f"expected a string, got {type(v).__name__} {v!r}")
+        return v
+
+    def boolean(self, v: Any, path: str) -> bool:
+        if v is None:
+            return False
+        if not isinstance(v, bool):
+            raise self.fail(path, f"expected true or false, got {v!r}")
+        return v
+
+    def integer(self, v: Any, path: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise self.fail(path, f"expected an integer, got {v!r}")
+        try:
+            return int(v)
+        except ValueError:
+            raise self.fail(path, f"expected an integer, got {v!r}") from None
+
+    def port(self, v: Any, path: str) -> int:
+        if v is None:
+            raise self.fail(path, "required (a port in [1, 65535])")
+        p = self.integer(v, path)
+        if not 1 <= p <= 65535:
+            raise self.fail(path, f"port must be in the range [1, 65535], found: {p}")
+        return p
+
+    def strings(self, v: Any, path: str) -> tuple[str, ...]:
+        if v is None:
+            return ()
+        if not isinstance(v, (list, tuple)):
+            raise self.fail(path, f"expected a list of strings, got {type(v).__name__}")
+        return tuple(self.string(x, f"{path}[{i}]") for i, x in enumerate(v))
+
+    def duration(self, v: Any, path: str) -> float | None:
+        if v is None:
+            return None
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            secs = float(v)
+        elif isinstance(v, str):
+            from isthmus.api.schema import parse_duration
+
+            try:
+                secs = parse_duration(v).total_seconds()
+            except ValueError as exc:
+                raise self.fail(path, str(exc)) from None
+        else:
+            raise self.fail(path, f"expected a duration such as 0.5s, got {v!r}")
+        if secs < 0:
+            raise self.fail(path, f"duration must not be negative, got {v!r}")
+        return secs
+
+
+_HTTP_FIELDS = (
+    "service", "port", "timeout", "pathPrefix", "failOpen", "statusOnError",
+    "includeRequestHeadersInCheck", "includeHeadersInCheck", "includeAdditionalHeadersInCheck",
+    "includeRequestBodyInCheck", "headersToUpstreamOnAllow", "headersToDownstreamOnDeny",
+    "headersToDownstreamOnAllow",
+)
+_GRPC_FIELDS = ("service", "port", "timeout", "failOpen", "statusOnError", "includeRequestBodyInCheck")
+_BODY_FIELDS = ("maxRequestBytes", "allowPartialMessage", "packAsBytes")
+
+
+def _status_on_error(r: _Reader, v: Any, path: str) -> str:
+    if v is None or v == "":
+        return ""
+    s = str(v) if isinstance(v, int) and not isinstance(v, bool) else r.string(v, path)
+    if not s.isdigit() or not 100 <= int(s) <= 599:
+        raise r.fail(path, f"invalid statusOnError {s!r}: want an HTTP status code such as 403 or 503")
+    return s
+
+
+def _body(r: _Reader, v: Any, path: str) -> ExtAuthzRequestBody | None:
+    if v is None:
+        return None
+    f = r.fields(v, path, _BODY_FIELDS)
+    n = r.integer(f.get("max_request_bytes", 0), f"{path}.maxRequestBytes")
+    if n < 0:
+        raise r.fail(f"{path}.maxRequestBytes", "must not be negative")
+    return ExtAuthzRequestBody(n, r.boolean(f.get("allow_partial_message"), f"{path}.allowPartialMessage"),
+                               r.boolean(f.get("pack_as_bytes"), f"{path}.packAsBytes"))
+
+
+def _header_list(r: _Reader, v: Any, path: str) -> tuple[str, ...]:
+    out = r.strings(v, path)
+    for i, h in enumerate(out):
+        if h == "*":
+            raise r.fail(f"{path}[{i}]", 'a single wildcard ("*") is not supported, '
+                                         "change it to either prefix or suffix match")
+        if not h:
+            raise r.fail(f"{path}[{i}]", "empty header name")
+    return out
+
+
+def _service(r: _Reader, v: Any, path: str) -> str:
+    s = r.string(v, path)
+    if not s:
+        raise r.fail(path, "required: the authorizer's service hostname (or <namespace>/<hostname>)")
+    return s
+
+
+def _parse_http(r: _Reader, v: Any, path: str) -> EnvoyExtAuthzHttpProvider:
+    f = r.fields(v, path, _HTTP_FIELDS)
+    prefix = r.string(f.get("path_prefix"), f"{path}.pathPrefix")
+    if prefix and not prefix.startswith("/"):
+        raise r.fail(f"{path}.pathPrefix", f"pathPrefix must begin with `/`, found: {prefix!r}")
+    extra = r.mapping(f.get("include_additional_headers_in_check"), f"{path}.includeAdditionalHeadersInCheck")
+    additional = tuple(
+        (str(k), r.string(extra[k], f"{path}.includeAdditionalHeadersInCheck.{k}")) for k in sorted(extra, key=str)
+    )
+    return EnvoyExtAuthzHttpProvider(
+        service=_service(r, f.get("service"), f"{path}.service"),
+        port=r.port(f.get("port"), f"{path}.port"),
+        timeout=r.duration(f.get("timeout"), f"{path}.timeout"),
+        path_prefix=prefix,
+        fail_open=r.boolean(f.get("fail_open"), f"{path}.failOpen"),
+        status_on_error=_status_on_error(r, f.get("status_on_error"), f"{path}.statusOnError"),
+        include_request_headers_in_check=_header_list(
+            r, f.get("include_request_headers_in_check"), f"{path}.includeRequestHeadersInCheck"),
+        include_headers_in_check=_header_list(r, f.get("include_headers_in_check"), f"{path}.includeHeadersInCheck"),
+        include_additional_headers_in_check=additional,
+        include_request_body_in_check=_body(r, f.get("include_request_body_in_check"),
+                                            f"{path}.includeRequestBodyInCheck"),
+        headers_to_upstream_on_allow=_header_list(
+            r, f.get("headers_to_upstream_on_allow"), f"{path}.headersToUpstreamOnAllow"),
+        headers_to_downstream_on_deny=_header_list(
+            r, f.get("headers_to_downstream_on_deny"), f"{path}.headersToDownstreamOnDeny"),
+        headers_to_downstream_on_allow=_header_list(
+            r, f.get("headers_to_downstream_on_allow"), f"{path}.headersToDownstreamOnAllow"),
+    )
+
+
+def _parse_grpc(r: _Reader, v: Any, path: str) -> EnvoyExtAuthzGrpcProvider:
+    f = r.fields(v, path, _GRPC_FIELDS)
+    return EnvoyExtAuthzGrpcProvider(
+        service=_service(r, f.get("service"), f"{path}.service"),
+        port=r.port(f.get("port"), f"{path}.port"),
+        timeout=r.duration(f.get("timeout"), f"{path}.timeout"),
+        fail_open=r.boolean(f.get("fail_open"), f"{path}.failOpen"),
+        status_on_error=_status_on_error(r, f.get("status_on_error"), f"{path}.statusOnError"),
+        include_request_body_in_check=_body(r, f.get("include_request_body_in_check"),
+                                            f"{path}.includeRequestBodyInCheck"),
+    )
+
+
+def _parse_provider(r: _Reader, data: Any, path: str) -> ExtensionProvider:
+    if isinstance(data, ExtensionProvider):
+        return data
+    d = r.mapping(data, path)
+    name = r.string(d.pop("name", None), f"{path}.name")
+    if not name:
+        raise r.fail(f"{path}.name", "required: the name AuthorizationPolicy's provider.name refers to")
+    kinds = {_snake(k): k for k in d}
+    if len(d) != 1:
+        raise r.fail(path, f"provider {name!r} needs exactly one of envoyExtAuthzHttp, envoyExtAuthzGrpc "
+                           f"or another Istio provider kind, found {sorted(map(str, d)) or 'none'}")
+    (key,) = kinds.values()
+    body = d[key]
+    sub = f"{path}.{key}"
+    if _snake(key) == _snake(EXT_AUTHZ_HTTP):
+        return ExtensionProvider(name, EXT_AUTHZ_HTTP, envoy_ext_authz_http=_parse_http(r, body, sub))
+    if _snake(key) == _snake(EXT_AUTHZ_GRPC):
+        return ExtensionProvider(name, EXT_AUTHZ_GRPC, envoy_ext_authz_grpc=_parse_grpc(r, body, sub))
+    camel = {_snake(k): k for k in OTHER_PROVIDER_KINDS}.get(_snake(key))
+    if camel is None:
+        raise r.fail(sub, f"unknown extension provider kind {key!r} (known: "
+                          f"{', '.join(sorted({EXT_AUTHZ_HTTP, EXT_AUTHZ_GRPC} | OTHER_PROVIDER_KINDS))})")
+    return ExtensionProvider(name, camel, raw=r.mapping(body, sub))
+
+
+def _parse_providers(r: _Reader, v: Any, path: str) -> tuple[ExtensionProvider, ...]:
+    if v is None:
+        return ()
+    if not isinstance(v, (list, tuple)):
+        raise r.fail(path, f"expected a list of providers, got {type(v).__name__}")
+    out: list[ExtensionProvider] = []
+    seen: set[str] = set()
+    for i, item in enumerate(v):
+        p = _parse_provider(r, item, f"{path}[{i}]")
+        if p.name in seen:
+            raise r.fail(f"{path}[{i}].name", f"extension provider name must be unique, found duplicate: {p.name}")
+        seen.add(p.name)
+        out.append(p)
+    return tuple(out)
+
+
 @dataclass(frozen=True, slots=True)
 class MeshConfig:
-    """The subset of Istio's MeshConfig we honour."""
+    """The subset of Istio's MeshConfig we honour.
+
+    Built directly (tests, defaults) or from Istio's ``meshConfig`` YAML with
+    ``from_file`` / ``from_data``. ``extension_providers`` given as plain mappings (Istio's
+    camelCase shape) are parsed into ``ExtensionProvider`` values on construction.
+    """
 
     root_namespace: str = "istio-system"
     trust_domain: str = DEFAULT_TRUST_DOMAIN
@@ -45,12 +371,115 @@ class MeshConfig:
     connect_timeout_seconds: float = 10.0
     protocol_detection_timeout_seconds: float = 0.0  # Istio default: 0 (disabled)
     ingress_gateway_labels: dict[str, str] = field(default_factory=lambda: {"istio": "ingressgateway"})
-    extension_providers: tuple[Any, ...] = ()
+    extension_providers: tuple[ExtensionProvider, ...] = ()
     # Istio's h2UpgradePolicy: "DO_NOT_UPGRADE" (default) or "UPGRADE" for HTTP/1.1 ports.
     h2_upgrade_policy: str = "DO_NOT_UPGRADE"
     # Cluster lb policy when a DestinationRule sets none. Istio >= 1.14 uses LEAST_REQUEST.
     default_lb_policy: str = "LEAST_REQUEST"
     dns_refresh_rate_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        providers = self.extension_providers
+        if any(not isinstance(p, ExtensionProvider) for p in providers):
+            object.__setattr__(self, "extension_providers",
+                               _parse_providers(_Reader(""), list(providers), "extensionProviders"))
+
+    def extension_provider(self, name: str) -> ExtensionProvider | None:
+        for p in self.extension_providers:
+            if p.name == name:
+                return p
+        return None
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> MeshConfig:
+        """Istio's mesh config file (``meshConfig`` shape, e.g. ``mesh.yaml``); also accepts
+        the ``istio`` ConfigMap (``data.mesh`` holding that YAML). Errors name the file,
+        the line for YAML syntax errors, and the field path."""
+        import yaml
+
+        name = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise MeshConfigError(f"cannot read mesh config: {exc.strerror or exc}", file=name) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{name}:{mark.line + 1}" if mark is not None else name
+            raise MeshConfigError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}", file=where) from None
+        return cls.from_data(data, file=name)
+
+    @classmethod
+    def from_data(cls, data: Any, *, file: str = "") -> MeshConfig:
+        """From Istio's ``meshConfig`` mapping (camelCase; snake_case is accepted too)."""
+        r = _Reader(file)
+        if data is None:
+            return cls()
+        d = r.mapping(data, "")
+        if d.get("kind") == "ConfigMap":  # the `istio` ConfigMap: data.mesh is the YAML text
+            import yaml
+
+            inner = r.mapping(d.get("data"), "data").get("mesh")
+            try:
+                return cls.from_data(yaml.safe_load(r.string(inner, "data.mesh")) if inner else None, file=file)
+            except yaml.YAMLError as exc:
+                raise r.fail("data.mesh", f"invalid YAML: {exc}") from None
+        if "meshConfig" in d and len(d) == 1:  # IstioOperator-style `meshConfig:` wrapper
+            return cls.from_data(d["meshConfig"], file=file)
+        own = {
+            "rootNamespace", "trustDomain", "outboundTrafficPolicy", "extensionProviders",
+            "enableAutoMtls", "connectTimeout", "protocolDetectionTimeout", "h2UpgradePolicy",
+            "dnsRefreshRate", "ingressSelector",
+            # Isthmus additions (not in Istio's MeshConfig: istiod flags there)
+            "domainSuffix", "defaultLbPolicy",
+        }
+        kwargs: dict[str, Any] = {}
+        ignored = []
+        for key, v in d.items():
+            k = str(key)
+            if k not in own and _snake(k) not in {_snake(o) for o in own}:
+                if k in _IGNORED_ISTIO_FIELDS:
+                    ignored.append(k)
+                    continue
+                raise r.fail(k, "unknown MeshConfig field (Isthmus honours: " + ", ".join(sorted(own)) + ")")
+            s = _snake(k)
+            if s in ("root_namespace", "trust_domain", "domain_suffix"):
+                val = r.string(v, k)
+                if not val:
+                    raise r.fail(k, "must not be empty")
+                kwargs[s] = val
+            elif s == "outbound_traffic_policy":
+                mode = r.fields(v, k, ("mode",)).get("mode") if isinstance(v, Mapping) else v
+                mode = r.string(mode, f"{k}.mode") or "ALLOW_ANY"
+                if mode not in ("ALLOW_ANY", "REGISTRY_ONLY"):
+                    raise r.fail(f"{k}.mode", f"want ALLOW_ANY or REGISTRY_ONLY, got {mode!r}")
+                kwargs["outbound_traffic_policy"] = mode
+            elif s == "extension_providers":
+                kwargs[s] = _parse_providers(r, v, k)
+            elif s == "enable_auto_mtls":
+                kwargs[s] = r.boolean(v, k)
+            elif s in ("connect_timeout", "protocol_detection_timeout", "dns_refresh_rate"):
+                secs = r.duration(v, k)
+                if secs is not None:
+                    kwargs[f"{s}_seconds"] = secs
+            elif s == "h2_upgrade_policy":
+                val = r.string(v, k)
+                if val not in ("DO_NOT_UPGRADE", "UPGRADE", "DEFAULT"):
+                    raise r.fail(k, f"want DO_NOT_UPGRADE or UPGRADE, got {val!r}")
+                kwargs[s] = "DO_NOT_UPGRADE" if val == "DEFAULT" else val
+            elif s == "ingress_selector":
+                kwargs["ingress_gateway_labels"] = {"istio": r.string(v, k) or "ingressgateway"}
+            elif s == "default_lb_policy":
+                kwargs[s] = r.string(v, k)
+        if ignored:
+            import logging
+
+            logging.getLogger(__name__).info("%s: MeshConfig fields not honoured by Isthmus, ignored: %s",
+                                             file or "<mesh config>", ", ".join(sorted(ignored)))
+        return cls(**kwargs)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
