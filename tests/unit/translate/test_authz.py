@@ -201,7 +201,8 @@ def test_custom_with_unknown_provider_denies_everything() -> None:
 def test_custom_with_provider_marks_requests_for_ext_authz() -> None:
     custom = policy(op(paths=["/ext/*"]), action="CUSTOM", name="c", extra="  provider: {name: authz}\n")
     providers = ({"name": "authz", "envoyExtAuthzGrpc": {"service": "authz.foo.svc.cluster.local", "port": 9000}},)
-    sim = AuthzSim(custom, mesh_config={"extension_providers": providers})
+    authz_svc = "apiVersion: v1\nkind: Service\nmetadata: {name: authz, namespace: foo}\nspec: {ports: [{port: 9000}]}\n"
+    sim = AuthzSim(custom + "---\n" + authz_svc, mesh_config={"extension_providers": providers})
     d = sim.http(path="/ext/a")
     assert d.allowed  # the RBAC part only marks; ext_authz decides
     (effect,) = d.shadow_effects

@@ -9,8 +9,20 @@ action and become, in filter order:
 
 1. CUSTOM: an RBAC filter with *shadow* rules (policy names ``istio-ext-authz-ns[..]..``,
    stat prefix ``istio_ext_authz_``) and an ext_authz filter that runs only when the
-   shadow engine matched (``filter_enabled_metadata``). An unknown or ambiguous provider
-   gives Istio's deny-all filter instead.
+   shadow engine matched (``filter_enabled_metadata`` on
+   ``istio_ext_authz_shadow_effective_policy_id`` prefix ``istio-ext-authz``). The
+   provider comes from MeshConfig ``extensionProviders`` (``build_ext_authz``, Istio's
+   ``extauthz.go``): envoyExtAuthzHttp → ``http_service`` (server_uri cluster
+   ``outbound|<port>||<host>``, path_prefix, includeRequestHeadersInCheck →
+   ``authorization_request.allowed_headers``, includeAdditionalHeadersInCheck →
+   ``headers_to_add``, headersToUpstreamOnAllow / headersToDownstreamOnDeny /
+   headersToDownstreamOnAllow → ``authorization_response.allowed_upstream_headers`` /
+   ``allowed_client_headers`` / ``allowed_client_headers_on_success``); envoyExtAuthzGrpc
+   → ``grpc_service.envoy_grpc`` (and a network ext_authz on TCP chains; HTTP providers
+   do not apply to TCP). timeout (default 600 s), failOpen → ``failure_mode_allow``,
+   statusOnError → ``status_on_error``, includeRequestBodyInCheck → ``with_request_body``.
+   An unknown, ambiguous or unresolvable provider (service not in the registry) gives
+   Istio's deny-all filter instead.
 2. AUDIT: RBAC action LOG. 3. DENY: action DENY. 4. ALLOW: action ALLOW (once any ALLOW
    policy applies, requests matching none are denied).
 Policies annotated ``istio.io/dry-run: "true"`` go to ``shadow_rules`` (stat prefixes
@@ -43,7 +55,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from envoy.config.core.v3 import config_source_pb2, extension_pb2, grpc_service_pb2, http_uri_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2, extension_pb2, grpc_service_pb2
 from envoy.config.listener.v3 import listener_components_pb2 as lc
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -62,7 +74,7 @@ from google.protobuf.message import Message
 from isthmus.api.istio import security as sec
 from isthmus.api.meta import Resource
 from isthmus.controlplane.model.hosts import labels_match, selector_labels
-from isthmus.controlplane.model.mesh import MeshSnapshot
+from isthmus.controlplane.model.mesh import ExtAuthzRequestBody, ExtensionProvider, MeshSnapshot
 from isthmus.controlplane.model.proxy import ProxyNode
 
 log = logging.getLogger(__name__)
@@ -664,122 +676,190 @@ def _tcp_rbac(enforce: rbac_pb2.RBAC | None, shadow: rbac_pb2.RBAC | None, prefi
     return lc.Filter(name=NETWORK_RBAC, typed_config=pack(cfg))
 
 
-# -- CUSTOM (ext_authz)
+# -- CUSTOM (ext_authz), Istio's builder/extauthz.go
+
+EXT_AUTHZ_DEFAULT_TIMEOUT_SECONDS = 600.0  # Istio's timeoutOrDefault
+
+
+class ProviderError(ValueError):
+    """An extension provider that cannot be used (Istio then denies all on CUSTOM)."""
 
 
 @dataclass(frozen=True, slots=True)
-class ExtAuthzProvider:
-    """An ``envoyExtAuthzGrpc`` / ``envoyExtAuthzHttp`` extension provider of MeshConfig."""
+class BuiltExtAuthz:
+    """One provider's filter configs: HTTP always; TCP only for gRPC providers."""
 
-    name: str
-    kind: str  # grpc | http
-    service: str
-    port: int
-    timeout_seconds: float = 0.6
-    fail_open: bool = False
-    path_prefix: str = ""
+    provider: ExtensionProvider
+    http: http_ext_authz_pb2.ExtAuthz
+    tcp: net_ext_authz_pb2.ExtAuthz | None = None
 
 
-def _get(obj: Any, *names: str) -> Any:
-    for n in names:
-        if isinstance(obj, dict) and n in obj:
-            return obj[n]
-        if not isinstance(obj, dict) and hasattr(obj, n):
-            return getattr(obj, n)
-    return None
+def find_provider(mesh: MeshSnapshot, name: str) -> ExtensionProvider | None:
+    """The ext_authz provider called ``name`` (other kinds, e.g. tracing ones, do not count)."""
+    p = mesh.mesh.extension_provider(name)
+    if p is None or (p.envoy_ext_authz_http is None and p.envoy_ext_authz_grpc is None):
+        return None
+    return p
 
 
-def find_provider(mesh: MeshSnapshot, name: str) -> ExtAuthzProvider | None:
-    for p in mesh.mesh.extension_providers:
-        if _get(p, "name") != name:
-            continue
-        for kind, keys in (("grpc", ("envoyExtAuthzGrpc", "envoy_ext_authz_grpc")),
-                           ("http", ("envoyExtAuthzHttp", "envoy_ext_authz_http"))):
-            body = _get(p, *keys)
-            if body is None:
-                continue
-            service = str(_get(body, "service") or "")
-            port = int(_get(body, "port") or 0)
-            if not service or not port:
-                return None
-            fail_open = bool(_get(body, "failOpen", "fail_open") or False)
-            prefix = str(_get(body, "pathPrefix", "path_prefix") or "")
-            return ExtAuthzProvider(name, kind, service, port, fail_open=fail_open, path_prefix=prefix)
-    return None
+def lookup_cluster(mesh: MeshSnapshot, service: str, port: int) -> tuple[str, str]:
+    """Istio's extensionproviders.LookupCluster: ``<ns>/<host>`` or a bare ``<host>`` known to
+    the registry (a bare host must be unique across namespaces) → (hostname, cluster)."""
+    if not service:
+        raise ProviderError("service must not be empty")
+    ns, slash, host = service.partition("/")
+    if slash:
+        svc = mesh.service_for_host(host, ns)
+        if svc is not None and svc.namespace == ns:
+            return svc.hostname, f"outbound|{port}||{svc.hostname}"
+    else:
+        found = mesh.services_matching(service) if not service.startswith("*") else ()
+        namespaces = sorted({s.namespace for s in found})
+        if len(namespaces) == 1:
+            return found[0].hostname, f"outbound|{port}||{found[0].hostname}"
+        if len(namespaces) > 1:
+            raise ProviderError(f"found {service} in multiple namespaces {namespaces}, specify the namespace "
+                                "explicitly in the format of <Namespace>/<Hostname>")
+    raise ProviderError(f"could not find service {service} in the service registry: is it a Kubernetes "
+                        "Service or ServiceEntry the control plane sees?")
 
 
-def _provider_cluster(mesh: MeshSnapshot, p: ExtAuthzProvider) -> str:
-    host = p.service.split("/", 1)[-1]  # Istio allows "ns/host"
-    return f"outbound|{p.port}||{host}"
+def _seconds(msg: Any, seconds: float | None) -> None:
+    msg.FromNanoseconds(int(round((EXT_AUTHZ_DEFAULT_TIMEOUT_SECONDS if seconds is None else seconds) * 1e9)))
 
 
-def _ext_authz_enabled_metadata() -> metadata_pb2.MetadataMatcher:
+def _list_matcher(headers: Sequence[str]) -> string_pb2.ListStringMatcher | None:
+    """Istio's generateHeaders: ``*x`` suffix, ``x*`` prefix, else exact; all ignore_case."""
+    if not headers:
+        return None
+    out = string_pb2.ListStringMatcher()
+    for h in headers:
+        if h.startswith("*"):
+            out.patterns.append(string_pb2.StringMatcher(suffix=h[1:], ignore_case=True))
+        elif h.endswith("*"):
+            out.patterns.append(string_pb2.StringMatcher(prefix=h[:-1], ignore_case=True))
+        else:
+            out.patterns.append(string_pb2.StringMatcher(exact=h, ignore_case=True))
+    return out
+
+
+def _enabled_metadata(rbac_filter: str) -> metadata_pb2.MetadataMatcher:
+    """ext_authz runs only when the CUSTOM shadow RBAC filter matched one of its policies."""
     return _metadata(
-        HTTP_RBAC,
+        rbac_filter,
         [f"{EXT_AUTHZ_SHADOW_PREFIX}shadow_effective_policy_id"],
         value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(prefix=EXT_AUTHZ_MATCH_PREFIX)),
     )
 
 
-def _http_ext_authz(mesh: MeshSnapshot, p: ExtAuthzProvider) -> hcm_pb2.HttpFilter:
-    # TODO(ext_authz engineer): the data plane has no ext_authz filter yet. This carries
-    # Istio's shape (service cluster, timeout, failure_mode_allow, filter_enabled_metadata
-    # keyed on the CUSTOM shadow RBAC result); headers to send/upstream/downstream, body
-    # buffering and status_on_error are left at their defaults.
-    cfg = http_ext_authz_pb2.ExtAuthz(
-        transport_api_version=config_source_pb2.V3,
-        failure_mode_allow=p.fail_open,
-        filter_enabled_metadata=_ext_authz_enabled_metadata(),
-    )
-    cluster = _provider_cluster(mesh, p)
-    if p.kind == "grpc":
-        cfg.grpc_service.envoy_grpc.cluster_name = cluster
-        cfg.grpc_service.envoy_grpc.authority = p.service.split("/", 1)[-1]
-        cfg.grpc_service.timeout.FromNanoseconds(int(p.timeout_seconds * 1e9))
-    else:
-        cfg.http_service.server_uri.CopyFrom(
-            http_uri_pb2.HttpUri(uri=f"http://{p.service.split('/', 1)[-1]}:{p.port}{p.path_prefix}",
-                                 cluster=cluster)
+def _with_body(cfg: http_ext_authz_pb2.ExtAuthz, body: ExtAuthzRequestBody | None) -> None:
+    if body is not None:
+        cfg.with_request_body.CopyFrom(http_ext_authz_pb2.BufferSettings(
+            max_request_bytes=body.max_request_bytes, allow_partial_message=body.allow_partial_message,
+            pack_as_bytes=body.pack_as_bytes))
+
+
+def _status(cfg: http_ext_authz_pb2.ExtAuthz, status: str) -> None:
+    if status:
+        cfg.status_on_error.code = int(status)  # type: ignore[assignment]
+
+
+def build_ext_authz(mesh: MeshSnapshot, provider: ExtensionProvider) -> BuiltExtAuthz:
+    """The ext_authz filter configs for one provider; ProviderError when unusable."""
+    http_p, grpc_p = provider.envoy_ext_authz_http, provider.envoy_ext_authz_grpc
+    if http_p is not None:
+        hostname, cluster = lookup_cluster(mesh, http_p.service, http_p.port)
+        service = http_ext_authz_pb2.HttpService(path_prefix=http_p.path_prefix)
+        service.server_uri.uri = f"http://{hostname}"  # required by Envoy, unused (the cluster is)
+        service.server_uri.cluster = cluster
+        _seconds(service.server_uri.timeout, http_p.timeout)
+        allowed = _list_matcher(http_p.include_request_headers_in_check or http_p.include_headers_in_check)
+        if allowed is not None or http_p.include_additional_headers_in_check:
+            req = service.authorization_request
+            req.SetInParent()
+            if allowed is not None:
+                req.allowed_headers.CopyFrom(allowed)
+            for k, v in http_p.include_additional_headers_in_check:
+                req.headers_to_add.append(base_pb2.HeaderValue(key=k, value=v))
+        if (http_p.headers_to_upstream_on_allow or http_p.headers_to_downstream_on_deny
+                or http_p.headers_to_downstream_on_allow):
+            resp = service.authorization_response
+            resp.SetInParent()
+            for field_name, headers in (("allowed_upstream_headers", http_p.headers_to_upstream_on_allow),
+                                        ("allowed_client_headers", http_p.headers_to_downstream_on_deny),
+                                        ("allowed_client_headers_on_success", http_p.headers_to_downstream_on_allow)):
+                m = _list_matcher(headers)
+                if m is not None:
+                    getattr(resp, field_name).CopyFrom(m)
+        cfg = http_ext_authz_pb2.ExtAuthz(
+            http_service=service,
+            transport_api_version=config_source_pb2.V3,
+            failure_mode_allow=http_p.fail_open,
+            filter_enabled_metadata=_enabled_metadata(HTTP_RBAC),
         )
-        cfg.http_service.server_uri.timeout.FromNanoseconds(int(p.timeout_seconds * 1e9))
-        cfg.http_service.path_prefix = p.path_prefix
-    return hcm_pb2.HttpFilter(name=HTTP_EXT_AUTHZ, typed_config=pack(cfg))
-
-
-def _tcp_ext_authz(mesh: MeshSnapshot, p: ExtAuthzProvider) -> lc.Filter:
-    # TODO(ext_authz engineer): placeholder, as for HTTP.
-    cfg = net_ext_authz_pb2.ExtAuthz(
-        stat_prefix=TCP_STAT_PREFIX,
-        transport_api_version=config_source_pb2.V3,
-        failure_mode_allow=p.fail_open,
-        filter_enabled_metadata=_metadata(
-            NETWORK_RBAC,
-            [f"{EXT_AUTHZ_SHADOW_PREFIX}shadow_effective_policy_id"],
-            value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(prefix=EXT_AUTHZ_MATCH_PREFIX)),
-        ),
-        grpc_service=grpc_service_pb2.GrpcService(
-            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=_provider_cluster(mesh, p))
-        ),
-    )
-    return lc.Filter(name=NETWORK_EXT_AUTHZ, typed_config=pack(cfg))
+        _status(cfg, http_p.status_on_error)
+        _with_body(cfg, http_p.include_request_body_in_check)
+        return BuiltExtAuthz(provider, cfg, None)
+    if grpc_p is not None:
+        _, cluster = lookup_cluster(mesh, grpc_p.service, grpc_p.port)
+        # `|` is not valid in a gRPC :authority; Istio substitutes it the same way.
+        grpc = grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=cluster,
+                                                              authority=cluster.replace("|", "_.")))
+        _seconds(grpc.timeout, grpc_p.timeout)
+        cfg = http_ext_authz_pb2.ExtAuthz(
+            grpc_service=grpc,
+            transport_api_version=config_source_pb2.V3,
+            failure_mode_allow=grpc_p.fail_open,
+            filter_enabled_metadata=_enabled_metadata(HTTP_RBAC),
+        )
+        _status(cfg, grpc_p.status_on_error)
+        _with_body(cfg, grpc_p.include_request_body_in_check)
+        tcp = net_ext_authz_pb2.ExtAuthz(
+            stat_prefix=TCP_STAT_PREFIX,
+            grpc_service=grpc,
+            transport_api_version=config_source_pb2.V3,
+            failure_mode_allow=grpc_p.fail_open,
+            filter_enabled_metadata=_enabled_metadata(NETWORK_RBAC),
+        )
+        return BuiltExtAuthz(provider, cfg, tcp)
+    raise ProviderError(f"provider {provider.name!r} is {provider.kind}, not envoyExtAuthzHttp/envoyExtAuthzGrpc")
 
 
 def _custom(mesh: MeshSnapshot, policies: Sequence[Resource], warn: Callable[[str], None]
             ) -> tuple[list[hcm_pb2.HttpFilter], list[lc.Filter]]:
     names = sorted({(p.spec.provider.name if p.spec.provider else "") for p in policies})
-    provider = find_provider(mesh, names[0]) if len(names) == 1 else None
-    if provider is None:
-        why = (f"only one provider is supported per workload, got {names}" if len(names) > 1
-               else f"extension provider {names[0]!r} not found (or not envoyExtAuthzGrpc/Http)")
+    built: BuiltExtAuthz | None = None
+    if len(names) > 1:
+        why = f"only 1 provider can be used per workload, found multiple providers: {names}"
+    elif not names[0]:
+        why = "no provider specified in authorization policy"
+    else:
+        provider = find_provider(mesh, names[0])
+        if provider is None:
+            known = [p.name for p in mesh.mesh.extension_providers
+                     if p.envoy_ext_authz_http is not None or p.envoy_ext_authz_grpc is not None]
+            why = f"available ext_authz providers are {known} but found {names[0]!r} (check meshConfig extensionProviders)"
+        else:
+            try:
+                built = build_ext_authz(mesh, provider)
+                why = ""
+            except ProviderError as exc:
+                why = f"found errors in provider {names[0]}: {exc}"
+    if built is None:
         warn(f"CUSTOM action: {why}: denying all requests")
         bad = deny_all_bad_custom()
         return [_http_rbac(bad, None, "")], [_tcp_rbac(bad, None, "")]
     http_rules, _ = _rules_for(policies, CUSTOM, False, True, warn)
-    tcp_rules, _ = _rules_for(policies, CUSTOM, True, True, warn)
-    http = [_http_rbac(None, http_rules, EXT_AUTHZ_SHADOW_PREFIX), _http_ext_authz(mesh, provider)]
+    http = [_http_rbac(None, http_rules, EXT_AUTHZ_SHADOW_PREFIX),
+            hcm_pb2.HttpFilter(name=HTTP_EXT_AUTHZ, typed_config=pack(built.http))]
     tcp: list[lc.Filter] = []
-    if provider.kind == "grpc":  # Istio ignores an HTTP provider on TCP chains
-        tcp = [_tcp_rbac(None, tcp_rules, EXT_AUTHZ_SHADOW_PREFIX), _tcp_ext_authz(mesh, provider)]
+    if built.tcp is not None:
+        tcp_rules, _ = _rules_for(policies, CUSTOM, True, True, warn)
+        tcp = [_tcp_rbac(None, tcp_rules, EXT_AUTHZ_SHADOW_PREFIX),
+               lc.Filter(name=NETWORK_EXT_AUTHZ, typed_config=pack(built.tcp))]
+    else:
+        warn(f"CUSTOM action: HTTP provider {names[0]!r} does not apply to TCP traffic (Istio: use a gRPC provider)")
     return http, tcp
 
 
