@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,111 @@ DEFAULT_CONNECTION_WINDOW = 16 << 20
 
 class PoolOverflow(Exception):
     """Circuit breaker refused a connection or a pending request (response flag UO)."""
+
+
+# --------------------------------------------------------------------------- cluster slots
+
+
+class ClusterSlots:
+    """A cluster's requests pending on its ``max_connections`` breaker, whichever host
+    (pool) they wait for: when any pool of the cluster gives a connection slot back
+    (a connection closed or failed to connect), the oldest pending request is woken and
+    retries its own pool, so a request queued on host B proceeds when host A's connection
+    closes (a pool only hands its *own* released connections to its own waiters)."""
+
+    __slots__ = ("__weakref__", "waiters")
+
+    def __init__(self) -> None:
+        self.waiters: deque[asyncio.Future[Any]] = deque()
+
+    def freed(self) -> None:
+        """A connection slot of the cluster is free: wake the oldest pending request."""
+        while self.waiters:
+            w = self.waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+
+
+_slots: weakref.WeakKeyDictionary[Any, ClusterSlots] = weakref.WeakKeyDictionary()
+
+
+def cluster_slots(cluster: Any) -> ClusterSlots:
+    s = _slots.get(cluster)
+    if s is None:
+        s = _slots[cluster] = ClusterSlots()
+    return s
+
+
+def open_connection_slot(cluster: Any, pool_empty: bool) -> bool:
+    """Take a ``max_connections`` slot for a new connection. At the limit Envoy counts
+    ``upstream_cx_overflow`` and still lets a pool with no connection at all open its
+    first one (the count then goes over the limit), so every host stays reachable."""
+    res = cluster.resources
+    if res.try_acquire(Resource.CONNECTIONS):
+        return True
+    cluster.stats.inc("upstream_cx_overflow")
+    if not pool_empty:
+        return False
+    used = getattr(res, "_used", None)
+    if used is None:
+        return False
+    used[Resource.CONNECTIONS] += 1  # released like any other slot when it closes
+    return True
+
+
+def steal_idle_slot(cluster: Any, exclude: Any) -> bool:
+    """A request is pending on the breaker while another host's pool holds idle
+    connections: close one of those (its slot then frees and wakes the request)."""
+    for hp in list(cluster.pools.values()):
+        for pool in (getattr(hp, "h1", None), getattr(hp, "h2", None)):
+            if pool is None or pool is exclude:
+                continue
+            if pool.close_one_idle():
+                cluster.stats.inc("upstream_cx_destroy_idle_for_slot")
+                return True
+    return False
+
+
+_dur_cache: dict[int, tuple[Any, float | None]] = {}
+
+
+def max_connection_duration(cfg: Any) -> float | None:
+    """The cluster's ``common_http_protocol_options.max_connection_duration`` (the
+    deprecated cluster field or ``HttpProtocolOptions``'), in seconds; None: unlimited
+    (Envoy's default). Read from the cluster proto (``ClusterConfig`` does not compile
+    it yet); memoised per config."""
+    hit = _dur_cache.get(id(cfg))
+    if hit is not None and hit[0] is cfg:
+        return hit[1]
+    out: float | None = None
+    c = getattr(cfg, "proto", None)
+    try:
+        if c is not None:
+            if c.HasField("common_http_protocol_options"):
+                out = _duration(c.common_http_protocol_options, "max_connection_duration")
+            anyv = c.typed_extension_protocol_options.get(HTTP_PROTOCOL_OPTIONS)
+            if anyv is not None:
+                from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+
+                hpo = http_protocol_options_pb2.HttpProtocolOptions()
+                if anyv.Unpack(hpo) and hpo.HasField("common_http_protocol_options"):
+                    out = _duration(hpo.common_http_protocol_options,
+                                    "max_connection_duration") or out
+    except Exception:  # a refinement: never fail a request over it
+        log.debug("cannot read max_connection_duration", exc_info=True)
+    if len(_dur_cache) > 4096:
+        _dur_cache.clear()
+    _dur_cache[id(cfg)] = (cfg, out)
+    return out
+
+
+def _duration(msg: Any, name: str) -> float | None:
+    if not msg.HasField(name):
+        return None
+    d = getattr(msg, name)
+    s = d.seconds + d.nanos / 1e9
+    return s if s > 0 else None
 
 
 # --------------------------------------------------------------------------- decision
@@ -296,6 +402,7 @@ class H2Upstream(asyncio.Protocol):
         self.draining = False
         self.write_paused = False
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.life_handle: asyncio.TimerHandle | None = None  # max_connection_duration
         self._flush_scheduled = False
         self._loop = asyncio.get_event_loop()
         self.settled: asyncio.Future[None] = self._loop.create_future()
@@ -430,10 +537,12 @@ class H2Pool:
         self.connect_timeout = cfg.connect_timeout_s
         self.max_requests: int | None = cfg.max_requests_per_connection
         self.idle_timeout: float | None = cfg.idle_timeout_s
+        self.max_duration = max_connection_duration(cfg)
         self.conns: list[H2Upstream] = []
         self.retired = False
         self._opening: asyncio.Future[H2Upstream] | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._slots = cluster_slots(cluster)
 
     @property
     def busy(self) -> int:
@@ -467,7 +576,7 @@ class H2Pool:
                     if not opening.cancelled():
                         raise  # we were cancelled, not the opener
                 continue
-            if res.try_acquire(Resource.CONNECTIONS):
+            if open_connection_slot(self.cluster, not self.conns):
                 fut = self._opening = asyncio.get_running_loop().create_future()
                 try:
                     conn = await self._open()
@@ -487,14 +596,26 @@ class H2Pool:
                 self.stats.inc("upstream_rq_pending_overflow")
                 raise PoolOverflow("max_pending_requests")
             self.stats.inc("upstream_rq_pending_total")
+            self.stats.add("upstream_rq_pending_active", 1)
+            # woken when one of our connections has room again or opened, or when a
+            # connection slot of the cluster freed (any host): then retry from the top
             w: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(w)
+            self._slots.waiters.append(w)
+            steal_idle_slot(self.cluster, self)
             try:
                 await w
+            except BaseException:
+                if w.done() and not w.cancelled():
+                    self._slots.freed()  # pass the wake-up on
+                raise
             finally:
                 res.release(Resource.PENDING_REQUESTS)
+                self.stats.add("upstream_rq_pending_active", -1)
                 if w in self._waiters:
                     self._waiters.remove(w)
+                if w in self._slots.waiters:
+                    self._slots.waiters.remove(w)
 
     async def _open(self) -> H2Upstream:
         stats = self.stats
@@ -532,6 +653,7 @@ class H2Pool:
         except UpstreamConnectError as exc:
             if conn is None:
                 res.release(Resource.CONNECTIONS)
+                self._slot_freed()
             stats.inc("upstream_cx_connect_fail")
             if exc.reason == "timeout":
                 stats.inc("upstream_cx_connect_timeout")
@@ -539,12 +661,35 @@ class H2Pool:
         except BaseException:
             if conn is None:
                 res.release(Resource.CONNECTIONS)
+                self._slot_freed()
             else:
                 conn.close()
             raise
         if self.retired:
             conn.draining = True
+        if self.max_duration:
+            conn.life_handle = asyncio.get_running_loop().call_later(
+                self.max_duration, self._max_duration_reached, conn)
         return conn
+
+    def _max_duration_reached(self, conn: H2Upstream) -> None:
+        """``max_connection_duration``: no new streams (GOAWAY), close after the last."""
+        conn.life_handle = None
+        if conn.closed:
+            return
+        self.stats.inc("upstream_cx_max_duration_reached")
+        conn.draining = True
+        if conn.streams or conn.reserved:
+            conn.codec.close()  # GOAWAY now: the peer learns no new streams come
+            conn.schedule_flush()
+        self._maybe_close(conn)
+        self._wake_all()  # waiters may now need a new connection
+
+    def _slot_freed(self) -> None:
+        if self._waiters:
+            self._wake_all()
+        else:
+            self._slots.freed()
 
     def _tls(self) -> Any:
         """The cluster's upstream TLS context for this host (``io.upstream.transport_for``),
@@ -562,7 +707,12 @@ class H2Pool:
             self.conns.remove(conn)
             self.stats.add("upstream_cx_active", -1)
             self.cluster.resources.release(Resource.CONNECTIONS)
-        self._wake_all()
+            if conn.life_handle is not None:
+                conn.life_handle.cancel()
+                conn.life_handle = None
+            self._slot_freed()
+        else:
+            self._wake_all()
 
     def release(self, ex: H2Exchange, reusable: bool = True) -> None:
         conn = ex.conn
@@ -592,6 +742,8 @@ class H2Pool:
             return
         max_rq = self.max_requests
         if self.retired or conn.draining or (max_rq is not None and conn.requests >= max_rq):
+            if max_rq is not None and conn.requests >= max_rq:
+                self.stats.inc("upstream_cx_max_requests")
             conn.codec.close()  # GOAWAY
             conn.close()
             return
@@ -618,6 +770,15 @@ class H2Pool:
             w = self._waiters.popleft()
             if not w.done():
                 w.set_result(None)
+
+    def close_one_idle(self) -> bool:
+        """Close one connection without streams (another host needs its slot)."""
+        for conn in self.conns:
+            if not conn.closed and not conn.streams and not conn.reserved:
+                conn.codec.close()
+                conn.close()
+                return True
+        return False
 
     def close_idle(self, retire: bool = False) -> None:
         """Close connections without streams; with ``retire`` the others take no new

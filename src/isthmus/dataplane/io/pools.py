@@ -9,6 +9,16 @@ stay hot) with an idle timer, or closes it (max requests per connection reached,
 the host leaves the cluster or the cluster is replaced: idle connections close at once,
 busy ones when their exchange ends (drain).
 
+Breakers and lifetime as Envoy's: at ``max_connections`` each attempt to open counts
+``upstream_cx_overflow``, yet a pool with no connection at all still opens its first one;
+a pending request waits for its own pool's released connection *or* any connection slot
+of the cluster freeing (``h2pool.ClusterSlots``: a connection of another host closed),
+and when other hosts hold idle connections one of them is closed to free a slot.
+``common_http_protocol_options``: ``idle_timeout`` (``upstream_cx_idle_timeout``),
+``max_connection_duration`` (idle connections close at the deadline, busy ones after
+their exchange: ``upstream_cx_max_duration_reached``), ``max_requests_per_connection``
+(``upstream_cx_max_requests``).
+
 ``pool_for(cluster, address, port)`` is what the router asks for each attempt. A
 cluster's host entry (``HostPools``) holds an HTTP/1.1 pool and/or an HTTP/2 pool
 (``io.h2pool.H2Pool``, multiplexed); which one serves a request follows the cluster's
@@ -31,7 +41,15 @@ from contextvars import ContextVar
 from typing import Any
 
 from isthmus.dataplane.envoy.circuit_breakers import Resource
-from isthmus.dataplane.io.h2pool import H2Pool, PoolOverflow, upstream_protocol
+from isthmus.dataplane.io.h2pool import (
+    H2Pool,
+    PoolOverflow,
+    cluster_slots,
+    max_connection_duration,
+    open_connection_slot,
+    steal_idle_slot,
+    upstream_protocol,
+)
 from isthmus.dataplane.io.upstream import Http1Upstream, UpstreamConnectError, connect, open_http1
 
 #: The downstream stream (``http.downstream.DownstreamStream`` or
@@ -49,77 +67,135 @@ class Http1Pool:
         self.connect_timeout = cfg.connect_timeout_s
         self.max_requests = cfg.max_requests_per_connection
         self.idle_timeout = cfg.idle_timeout_s
+        self.max_duration = max_connection_duration(cfg)
         self.idle: list[Http1Upstream] = []
         self.busy = 0
         self.total = 0
+        self.connecting = 0
         self.retired = False
         self._waiters: deque[asyncio.Future[Http1Upstream | None]] = deque()
+        self._slots = cluster_slots(cluster)
 
-    async def acquire(self) -> Http1Upstream:
+    def _take_idle(self) -> Http1Upstream | None:
         while self.idle:
             conn = self.idle.pop()
             if conn.idle_handle is not None:
                 conn.idle_handle.cancel()
                 conn.idle_handle = None
-            if conn.ready:
+            if conn.ready and not conn.expired:
                 self.busy += 1
                 return conn
             conn.close()
+        return None
+
+    async def acquire(self) -> Http1Upstream:
+        conn = self._take_idle()
+        if conn is not None:
+            return conn
+        if open_connection_slot(self.cluster, self.total + self.connecting == 0):
+            return await self._open()
         res = self.cluster.resources
-        if not res.try_acquire(Resource.CONNECTIONS):
-            if not res.try_acquire(Resource.PENDING_REQUESTS):
-                self.cluster.stats.inc("upstream_rq_pending_overflow")
-                raise PoolOverflow("max_pending_requests")
-            self.cluster.stats.inc("upstream_rq_pending_total")
-            fut: asyncio.Future[Http1Upstream | None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            try:
-                handed = await fut
-            finally:
-                res.release(Resource.PENDING_REQUESTS)
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
-            if handed is not None:
+        if not res.try_acquire(Resource.PENDING_REQUESTS):
+            self.cluster.stats.inc("upstream_rq_pending_overflow")
+            raise PoolOverflow("max_pending_requests")
+        self.cluster.stats.inc("upstream_rq_pending_total")
+        self.cluster.stats.add("upstream_rq_pending_active", 1)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Http1Upstream | None] = loop.create_future()
+        try:
+            steal_idle_slot(self.cluster, self)
+            while True:
+                # woken with a connection (one of ours was released) or None (a slot of
+                # the cluster freed, in any host's pool): retry
+                fut = loop.create_future()
+                self._waiters.append(fut)
+                self._slots.waiters.append(fut)
+                try:
+                    handed = await fut
+                finally:
+                    if fut in self._waiters:
+                        self._waiters.remove(fut)
+                    if fut in self._slots.waiters:
+                        self._slots.waiters.remove(fut)
+                if handed is not None:
+                    self.busy += 1
+                    return handed
+                conn = self._take_idle()
+                if conn is not None:
+                    return conn
+                if res.try_acquire(Resource.CONNECTIONS):
+                    break
+                if self.total + self.connecting == 0 and open_connection_slot(
+                        self.cluster, True):
+                    break
+        except BaseException:
+            # cancelled after being handed something: pass it on
+            got = fut.result() if fut.done() and not fut.cancelled() else None
+            if got is not None:
                 self.busy += 1
-                return handed
-            # a connection slot freed up: open one
-            if not res.try_acquire(Resource.CONNECTIONS):
-                raise PoolOverflow("max_connections")
+                self.release(got)
+            elif fut.done() and not fut.cancelled():
+                self._slots.freed()  # the wake-up we consumed belongs to someone else
+            raise
+        finally:
+            res.release(Resource.PENDING_REQUESTS)
+            self.cluster.stats.add("upstream_rq_pending_active", -1)
         return await self._open()
 
     async def _open(self) -> Http1Upstream:
         stats = self.cluster.stats
         stats.inc("upstream_cx_total")
+        stats.inc("upstream_cx_http1_total")
+        self.connecting += 1
         try:
             sock = await connect(self.address, self.port, self.connect_timeout)
             conn = await open_http1(sock, self.key, self._lost, cluster=self.cluster)
         except UpstreamConnectError as exc:
+            self.connecting -= 1
             self.cluster.resources.release(Resource.CONNECTIONS)
             stats.inc("upstream_cx_connect_fail")
             if exc.reason == "timeout":
                 stats.inc("upstream_cx_connect_timeout")
-            self._wake_one(None)
+            self._slot_freed()
             raise
         except BaseException:
+            self.connecting -= 1
             self.cluster.resources.release(Resource.CONNECTIONS)
+            self._slot_freed()
             raise
+        self.connecting -= 1
         self.total += 1
         self.busy += 1
         stats.add("upstream_cx_active", 1)
+        conn.born = time.monotonic()
+        if self.max_duration:
+            conn.life_handle = asyncio.get_running_loop().call_later(
+                self.max_duration, self._max_duration_reached, conn)
         return conn
+
+    def _slot_freed(self) -> None:
+        """A connection slot is free: our own oldest waiter first, else the cluster's."""
+        if not self._wake_one(None):
+            self._slots.freed()
 
     def _lost(self, conn: Http1Upstream) -> None:
         self.total -= 1
         self.cluster.stats.add("upstream_cx_active", -1)
         self.cluster.resources.release(Resource.CONNECTIONS)
+        if conn.life_handle is not None:
+            conn.life_handle.cancel()
+            conn.life_handle = None
         if conn in self.idle:
             self.idle.remove(conn)
-        self._wake_one(None)  # a connection slot is free
+        self._slot_freed()
 
     def release(self, conn: Http1Upstream, reusable: bool = True) -> None:
         self.busy -= 1
+        if self.max_requests is not None and conn.requests >= self.max_requests:
+            self.cluster.stats.inc("upstream_cx_max_requests")
+            reusable = False
         if (not reusable or self.retired or not conn.ready
-                or (self.max_requests is not None and conn.requests >= self.max_requests)):
+                or conn.expired):
             conn.close()
             return
         if self._wake_one(conn):
@@ -135,6 +211,20 @@ class Http1Pool:
         conn.idle_handle = None
         if conn in self.idle:
             self.idle.remove(conn)
+            self.cluster.stats.inc("upstream_cx_idle_timeout")
+            conn.close()
+
+    def _max_duration_reached(self, conn: Http1Upstream) -> None:
+        """``max_connection_duration``: an idle connection closes now, a busy one when
+        its exchange ends (drain)."""
+        conn.life_handle = None
+        conn.expired = True
+        self.cluster.stats.inc("upstream_cx_max_duration_reached")
+        if conn in self.idle:
+            self.idle.remove(conn)
+            if conn.idle_handle is not None:
+                conn.idle_handle.cancel()
+                conn.idle_handle = None
             conn.close()
 
     def _wake_one(self, conn: Http1Upstream | None) -> bool:
@@ -144,6 +234,17 @@ class Http1Pool:
                 fut.set_result(conn)
                 return True
         return False
+
+    def close_one_idle(self) -> bool:
+        """Close one idle connection (another host needs its slot); True if one was."""
+        if not self.idle:
+            return False
+        conn = self.idle.pop(0)  # the coldest
+        if conn.idle_handle is not None:
+            conn.idle_handle.cancel()
+            conn.idle_handle = None
+        conn.close()
+        return True
 
     def close_idle(self, retire: bool = False) -> None:
         if retire:

@@ -172,6 +172,9 @@ class Http1Upstream(asyncio.Protocol):
         self.closed = False
         self.last_used = 0.0
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.born = 0.0
+        self.life_handle: asyncio.TimerHandle | None = None  # max_connection_duration
+        self.expired = False  # max_connection_duration reached: no new exchange
         self._events: deque[Event] = deque()
         self._buffered = 0
         self._read_paused = False
@@ -203,6 +206,9 @@ class Http1Upstream(asyncio.Protocol):
         self.closed = True
         if self.idle_handle is not None:
             self.idle_handle.cancel()
+        if self.life_handle is not None:
+            self.life_handle.cancel()
+            self.life_handle = None
         if not self._events or not isinstance(self._events[-1], ConnectionClosed):
             evs = self.codec.receive_eof()
             self._push(evs)
