@@ -966,6 +966,24 @@ def authz_chains(mesh: MeshSnapshot, proxy: ProxyNode, chains: Iterable[lc.Filte
     return [apply_to_chain(c, authz) for c in chains]
 
 
+def security_for_proxy(mesh: MeshSnapshot, proxy: ProxyNode) -> AuthzFilters:
+    """RequestAuthentication (``authn``: jwt_authn, istio_authn) then AuthorizationPolicy
+    filters: what an inbound HCM or a gateway HCM gets, in Istio's order."""
+    from isthmus.controlplane.translate.authn import authn_for_proxy
+
+    authn = authn_for_proxy(mesh, proxy)
+    authz = authz_for_proxy(mesh, proxy)
+    if not authn:
+        return authz
+    return AuthzFilters(authn.http + authz.http, authz.tcp, authn.warnings + authz.warnings)
+
+
+def security_chains(mesh: MeshSnapshot, proxy: ProxyNode, chains: Iterable[lc.FilterChain]) -> list[lc.FilterChain]:
+    """The chains with authn + authz filters (``security_for_proxy``)."""
+    sec_filters = security_for_proxy(mesh, proxy)
+    return [apply_to_chain(c, sec_filters) for c in chains]
+
+
 __all__ = [
     "AuthzFilters",
     "PolicySet",
@@ -978,5 +996,7 @@ __all__ = [
     "host_matcher",
     "policies_for",
     "policy_name",
+    "security_chains",
+    "security_for_proxy",
     "string_matcher",
 ]

@@ -14,7 +14,8 @@ Sidecar (Istio's shapes):
 The Sidecar resource scopes both directions (egress ports/hosts, ingress listeners).
 
 Router (ingress gateway): ``0.0.0.0_<port>`` per Gateway server port, HCM with RDS
-``http.<port>``, TLS-terminating chains (SDS ``kubernetes://<credentialName>``).
+``http.<port>``, TLS-terminating chains (SDS ``kubernetes://<credentialName>``); the
+HCMs carry the gateway's jwt_authn / RBAC / ext_authz filters (``authz.security_for_proxy``).
 
 Proxyless gRPC: API listeners ``<fqdn>:<port>`` (HCM → RDS ``<fqdn>:<port>``, router last).
 
@@ -585,6 +586,16 @@ def downstream_tls(server: net.Server) -> tls_pb2.DownstreamTlsContext | None:
 
 
 def gateway_listeners(mesh: MeshSnapshot, proxy: ProxyNode) -> list[listener_pb2.Listener]:
+    """A listener per Gateway server port; every HCM gets the gateway workload's
+    RequestAuthentication and AuthorizationPolicy filters first (as Istio's gateways)."""
+    from isthmus.controlplane.translate.authz import security_for_proxy, with_http_filters
+
+    security = security_for_proxy(mesh, proxy).http
+
+    def gw_hcm(stat: str, route: str) -> lc.Filter:
+        hcm = hcm_rds(stat, route)
+        return hcm_filter(with_http_filters(hcm, security) if security else hcm)
+
     by_port: dict[int, list[tuple[Resource, net.Server]]] = {}
     for gw in mesh.gateways_for_proxy(proxy):
         for server in gw.spec.servers:
@@ -605,15 +616,13 @@ def gateway_listeners(mesh: MeshSnapshot, proxy: ProxyNode) -> list[listener_pb2
                 needs_tls_inspector = True
                 names = [R._server_host_parts(h)[1] for h in server.hosts]
                 match = lc.FilterChainMatch(server_names=[h for h in names if h != "*"])
-                chain = lc.FilterChain(
-                    filter_chain_match=match, filters=[hcm_filter(hcm_rds(stat, route))]
-                )
+                chain = lc.FilterChain(filter_chain_match=match, filters=[gw_hcm(stat, route)])
                 chain.transport_socket.name = TLS_TRANSPORT_SOCKET
                 chain.transport_socket.typed_config.CopyFrom(R.pack(ctx))
                 lis.filter_chains.append(chain)
             elif route not in plain_routes:
                 plain_routes.add(route)
-                lis.filter_chains.append(lc.FilterChain(filters=[hcm_filter(hcm_rds(stat, route))]))
+                lis.filter_chains.append(lc.FilterChain(filters=[gw_hcm(stat, route)]))
         if needs_tls_inspector:
             lis.listener_filters.append(tls_inspector())
         if lis.filter_chains:

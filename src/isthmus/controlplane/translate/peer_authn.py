@@ -31,8 +31,8 @@ AuthorizationPolicy's job), ALPN ``h2``/``http/1.1`` (HTTP) or
 ``istio-peer-exchange``/``h2``/``http/1.1`` (TCP). The virtualInbound catch-all chains
 get the workload-wide mode the same way (as an auto-detect "port 0").
 
-``inbound_security`` = these chains, then ``authz`` filters on every chain: the default
-``inbound_policy`` of ``generate()``.
+``inbound_security`` = these chains, then ``authn`` (RequestAuthentication) and ``authz``
+filters on every chain: the default ``inbound_policy`` of ``generate()``.
 
 Client side: ``service_mtls_mode`` (namespace, else mesh; Istio's best-effort inference)
 lets auto mTLS skip services whose namespace disables mTLS, and
@@ -289,10 +289,10 @@ def peer_authn_chains(mesh: MeshSnapshot, proxy: ProxyNode, port: InboundPort,
 def inbound_security(mesh: MeshSnapshot, proxy: ProxyNode, port: InboundPort,
                      plaintext: list[lc.FilterChain]) -> list[lc.FilterChain]:
     """``InboundChainPolicy`` (the default): PeerAuthentication chains, then the
-    AuthorizationPolicy filters on each of them."""
-    from isthmus.controlplane.translate.authz import authz_chains
+    RequestAuthentication (jwt_authn) and AuthorizationPolicy filters on each of them."""
+    from isthmus.controlplane.translate.authz import security_chains
 
-    return authz_chains(mesh, proxy, peer_authn_chains(mesh, proxy, port, plaintext))
+    return security_chains(mesh, proxy, peer_authn_chains(mesh, proxy, port, plaintext))
 
 
 __all__ = [
