@@ -1,5 +1,5 @@
 """The HTTP connection manager's per-request path: route, then http filters in config
-order (fault, cors, router), as Envoy's HCM does.
+order (rbac, jwt_authn, ext_authz, fault, cors, router), as Envoy's HCM does.
 
 ``handle_stream(stream)`` is the handler every ``Http1Downstream`` runs per request:
 it builds the lower-case header map once, adds ``x-request-id`` / ``x-forwarded-proto``
@@ -74,6 +74,8 @@ class RecordingStream:
         "cluster_name",
         "code",
         "conn",
+        "details",
+        "dyn",
         "duration_ms",
         "grpc_status",
         "hdict",
@@ -83,8 +85,10 @@ class RecordingStream:
         "path",
         "peer_principal",
         "request_protocol",
+        "resp_extra",
         "resp_headers",
         "route_name",
+        "scheme",
         "sid",
         "start",
         "start_wall",
@@ -112,7 +116,12 @@ class RecordingStream:
         self.resp_headers: list[tuple[bytes, bytes]] | None = None
         self.hdict: HeaderMap = {}
         self.method = self.path = self.authority = ""
-        self.peer_principal = ""
+        tls = self.conn.ctx.tls
+        self.peer_principal = tls.peer_identity if tls is not None else ""
+        self.dyn: dict[str, dict[str, Any]] | None = None  # dynamic metadata by namespace
+        self.details = ""  # response code details set by a filter (RBAC, jwt, ext_authz)
+        self.resp_extra: list[tuple[bytes, bytes]] = []
+        self.scheme = "http"
 
     # -- the stream interface (forwarded) ----------------------------------------------------
 
@@ -209,7 +218,18 @@ class RecordingStream:
         return f[0] if len(f) == 1 else flags_text(f)
 
     def code_details(self) -> str:
+        if self.details:
+            return self.details
         return code_details(self._flags, self.code, bool(self.upstream_host))
+
+    def dynamic_metadata(self, namespace: str, keys: tuple[str, ...] = ()) -> Any:
+        """%DYNAMIC_METADATA(NS:KEY:...)% for the access log (None when absent)."""
+        cur: Any = self.dyn.get(namespace) if self.dyn else None
+        for k in keys:
+            if not isinstance(cur, dict):
+                return None
+            cur = cur.get(k)
+        return cur
 
     def req(self, name: str) -> str | None:
         if name[0] == ":":
@@ -262,6 +282,7 @@ async def handle_stream(raw: DownstreamStream) -> None:
             del hdict["expect"]
             if not hcm.proxy_100_continue and st.body is not None:
                 st.send_informational(100)
+        st.scheme = scheme
         runtime = ctx.proxy.manager.runtime
         table = hcm.route_table
         if table is None and hcm.rds_name is not None:
@@ -270,16 +291,34 @@ async def handle_stream(raw: DownstreamStream) -> None:
         if table is not None:
             decision = table.match(authority, path, method, hdict, random_value=random64(),
                                    scheme=scheme, strip_port=hcm.strip_any_host_port)
-        if decision is None:
-            hs.inc("no_route")
-            await _reply(st, 404, b"", "NR")
-            return
-        st.route_name = decision.route.name
-        st.cluster_name = decision.cluster or ""
-        extra: list[tuple[bytes, bytes]] = []
+        if decision is not None:
+            st.route_name = decision.route.name
+            st.cluster_name = decision.cluster or ""
+        extra = st.resp_extra
         for f in hcm.http_filters:
             kind = f.kind
-            if kind == "fault":
+            impl = f.impl
+            if impl is not None:  # rbac, jwt_authn, ext_authz (http.filters)
+                if decision is not None and f.name in decision.per_filter and \
+                        isinstance(decision.per_filter[f.name], FilterDisabled):
+                    continue
+                ok = impl.decode(st, decision)
+                if ok is not True and ok is not False:
+                    ok = await ok
+                if not ok:
+                    return
+            elif kind == "router":
+                if decision is None:
+                    hs.inc("no_route")
+                    await _reply(st, 404, b"", "NR")
+                elif decision.action is None:
+                    await route_local(st, decision, hdict, extra)
+                else:
+                    await forward(st, decision, hdict, authority, method, scheme, extra)
+                return
+            elif decision is None:
+                continue
+            elif kind == "fault":
                 pf = decision.per_filter.get(f.name)
                 if isinstance(pf, FilterDisabled):
                     continue
@@ -308,12 +347,6 @@ async def handle_stream(raw: DownstreamStream) -> None:
                 done = _cors(st, cors, method, hdict, extra)
                 if done:
                     return
-            else:  # router
-                if decision.action is None:
-                    await route_local(st, decision, hdict, extra)
-                else:
-                    await forward(st, decision, hdict, authority, method, scheme, extra)
-                return
     except asyncio.CancelledError:
         if not raw.done:
             st.add_flag("DC")

@@ -33,11 +33,16 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.cors.v3 import cors_pb2
+from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2 as http_ext_authz_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.filters.network.ext_authz.v3 import ext_authz_pb2 as net_ext_authz_pb2
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as net_rbac_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
@@ -57,6 +62,11 @@ TCP_PROXY_URL = _T + tcp_proxy_pb2.TcpProxy.DESCRIPTOR.full_name
 FAULT_URL = _T + fault_pb2.HTTPFault.DESCRIPTOR.full_name
 CORS_URL = _T + cors_pb2.Cors.DESCRIPTOR.full_name
 ROUTER_URL = _T + router_pb2.Router.DESCRIPTOR.full_name
+HTTP_RBAC_URL = _T + http_rbac_pb2.RBAC.DESCRIPTOR.full_name
+NET_RBAC_URL = _T + net_rbac_pb2.RBAC.DESCRIPTOR.full_name
+JWT_AUTHN_URL = _T + jwt_pb2.JwtAuthentication.DESCRIPTOR.full_name
+HTTP_EXT_AUTHZ_URL = _T + http_ext_authz_pb2.ExtAuthz.DESCRIPTOR.full_name
+NET_EXT_AUTHZ_URL = _T + net_ext_authz_pb2.ExtAuthz.DESCRIPTOR.full_name
 UPSTREAM_TLS_URL = _T + tls_pb2.UpstreamTlsContext.DESCRIPTOR.full_name
 DOWNSTREAM_TLS_URL = _T + tls_pb2.DownstreamTlsContext.DESCRIPTOR.full_name
 RAW_BUFFER_URL = _T + "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"
@@ -380,8 +390,11 @@ class TcpProxyConfig:
 @dataclass(frozen=True, slots=True)
 class HttpFilter:
     name: str
-    kind: str  # fault | cors | router
+    kind: str  # fault | cors | router | rbac | jwt_authn | ext_authz
     fault: FaultPolicy | None = None  # the filter's own (listener-level) fault config
+    #: rbac / jwt_authn / ext_authz: the compiled filter (``http.filters``), whose
+    #: ``decode(st, route)`` the HCM runs per request
+    impl: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,6 +430,11 @@ class FilterChain:
     tls: TlsContextConfig | None = None  # DownstreamTlsContext: terminate TLS first
     #: transport_socket_connect_timeout (TLS handshake bound); None: the default
     handshake_timeout_s: float | None = None
+    #: network RBAC filters before the terminal filter (``policy.RbacChain``), evaluated
+    #: once per connection after the TLS handshake; None: no policy
+    rbac: Any = field(default=None, compare=False)
+    #: ``envoy.filters.network.ext_authz`` (``http.filters.ext_authz.NetworkExtAuthz``)
+    ext_authz: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,6 +519,29 @@ def _http_filters(ctx: Ctx, filters: Any, path: str) -> tuple[HttpFilter, ...]:
             out.append(HttpFilter(f.name, "cors"))
         elif url == ROUTER_URL or (not url and f.name == "envoy.filters.http.router"):
             out.append(HttpFilter(f.name, "router"))
+        elif url == HTTP_RBAC_URL:
+            from isthmus.dataplane.http.filters.rbac import RbacHttpFilter
+            from isthmus.dataplane.policy.rbac import RbacFilter
+
+            try:
+                engine = RbacFilter.from_proto(f.typed_config, ctx.resource, f.name)
+            except ConfigRejected as exc:
+                ctx.reject(join(p, "typed_config"), str(exc))
+            out.append(HttpFilter(f.name, "rbac", impl=RbacHttpFilter(f.name, engine)))
+        elif url == JWT_AUTHN_URL:
+            from isthmus.dataplane.http.filters.jwt_authn import JwtAuthnFilter
+
+            jmsg = jwt_pb2.JwtAuthentication()
+            f.typed_config.Unpack(jmsg)
+            out.append(HttpFilter(f.name, "jwt_authn", impl=JwtAuthnFilter.from_proto(
+                ctx, jmsg, join(p, "typed_config"), f.name)))
+        elif url == HTTP_EXT_AUTHZ_URL:
+            from isthmus.dataplane.http.filters.ext_authz import ExtAuthzFilter
+
+            emsg = http_ext_authz_pb2.ExtAuthz()
+            f.typed_config.Unpack(emsg)
+            out.append(HttpFilter(f.name, "ext_authz", impl=ExtAuthzFilter.from_proto(
+                ctx, emsg, join(p, "typed_config"), f.name)))
         elif f.is_optional:
             continue
         else:
@@ -572,10 +613,30 @@ def _chain(ctx: Ctx, fc: Any, path: str) -> FilterChain:
     if not fc.filters:
         ctx.reject(join(path, "filters"), "a filter chain needs a terminal network filter")
     tcp = hcm = None
+    rbac_filters: list[Any] = []
+    net_authz = None
     for i, f in enumerate(fc.filters):
         p = f"{join(path, 'filters')}[{i}]"
         url = f.typed_config.type_url
         last = i == len(fc.filters) - 1
+        if url == NET_RBAC_URL and not last:
+            from isthmus.dataplane.policy.rbac import RbacFilter
+
+            try:
+                rbac_filters.append(RbacFilter.from_proto(f.typed_config, ctx.resource, f.name))
+            except ConfigRejected as exc:
+                ctx.reject(join(p, "typed_config"), str(exc))
+            continue
+        if url == NET_EXT_AUTHZ_URL and not last:
+            from isthmus.dataplane.http.filters.ext_authz import NetworkExtAuthz
+
+            nmsg = net_ext_authz_pb2.ExtAuthz()
+            f.typed_config.Unpack(nmsg)
+            if net_authz is not None:
+                ctx.reject(p, "only one network ext_authz filter per chain is supported")
+            net_authz = NetworkExtAuthz.from_proto(ctx, nmsg, join(p, "typed_config"),
+                                                   position=len(rbac_filters))
+            continue
         if url == HCM_URL:
             msg = hcm_pb2.HttpConnectionManager()
             f.typed_config.Unpack(msg)
@@ -590,7 +651,12 @@ def _chain(ctx: Ctx, fc: Any, path: str) -> FilterChain:
         if not last:
             ctx.reject(p, f"{f.name!r} is terminal and must be the last network filter")
     hs_timeout = opt_duration_s(fc, "transport_socket_connect_timeout") or None
-    return FilterChain(fc.name, tcp, hcm, tls, hs_timeout)
+    rbac = None
+    if rbac_filters:
+        from isthmus.dataplane.policy.rbac import RbacChain
+
+        rbac = RbacChain(tuple(rbac_filters))
+    return FilterChain(fc.name, tcp, hcm, tls, hs_timeout, rbac, net_authz)
 
 
 def _socket_address(ctx: Ctx, addr: Any, path: str) -> tuple[str, int]:
