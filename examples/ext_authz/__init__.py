@@ -1,0 +1,1 @@
+"""Example external authorizer (HTTP and gRPC ext_authz) for CUSTOM AuthorizationPolicies."""
