@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from isthmus.dataplane.http.body import BodyChannel
+from isthmus.dataplane.http.downstream_h2 import hcm_limits
 from isthmus.dataplane.io.pools import current_request
 from isthmus.dataplane.proxy.config import CompiledListener, HcmConfig
 from isthmus.dataplane.sansio.detect import H2_PREFACE
@@ -72,7 +73,9 @@ class DownstreamStream:
         "done",
         "flags",
         "head",
+        "local_status",
         "response_started",
+        "rq_timer",
         "sid",
         "task",
         "upgrade",
@@ -88,6 +91,8 @@ class DownstreamStream:
         self.done = False
         self.task: asyncio.Task[None] | None = None
         self.flags = ""
+        self.rq_timer: asyncio.TimerHandle | None = None  # HCM request_timeout
+        self.local_status = 0  # status this connection answered by itself (timeouts)
 
     def send_informational(self, status: int) -> None:
         c = self.conn
@@ -149,7 +154,10 @@ class Http1Downstream(asyncio.Protocol):
         self._force_h2 = sniff_h2 and ctx.hcm.codec == "HTTP2"
         self.handler = handler  # async (DownstreamStream) -> None
         hcm = ctx.hcm
-        self.codec = Http1ServerConnection(max_header_bytes=hcm.max_request_headers_kb * 1024)
+        limits = hcm_limits(ctx)
+        self.codec = Http1ServerConnection(max_header_bytes=hcm.max_request_headers_kb * 1024,
+                                           max_headers=limits.max_headers_count)
+        self._max_duration = limits.max_connection_duration_s
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, DownstreamStream] = {}
         self.closed = False
@@ -159,6 +167,12 @@ class Http1Downstream(asyncio.Protocol):
         self._read_paused = False
         self._idle_handle: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_event_loop()
+        # stream_idle_timeout / request_headers_timeout: one timer per connection that
+        # checks the time of the last byte either way (no per-byte timer work)
+        self._last = self._loop.time()
+        self._activity: asyncio.TimerHandle | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._life: asyncio.TimerHandle | None = None
         self._tracker = ctx.proxy.connections
         self._http_stats = ctx.proxy.stats.scope(f"http.{hcm.stat_prefix}.")
 
@@ -170,10 +184,13 @@ class Http1Downstream(asyncio.Protocol):
         self._http_stats.inc("downstream_cx_total")
         self._http_stats.add("downstream_cx_active", 1)
         self._arm_idle()
+        if self._max_duration:
+            self._life = self._loop.call_later(self._max_duration, self._max_duration_reached)
         if self.ctx.proxy.draining:
             self.start_drain()
 
     def data_received(self, data: bytes) -> None:
+        self._last = self._loop.time()
         if self._sniff is not None:
             buf = self._sniff + data
             if self._force_h2 or buf.startswith(H2_PREFACE):
@@ -186,6 +203,8 @@ class Http1Downstream(asyncio.Protocol):
             self._sniff = None
             data = buf
         self._handle(self.codec.receive_data(data))
+        if self.codec._in_head and not self.closed:  # a request head is arriving
+            self._head_started()
 
     def _to_h2(self, first: bytes) -> None:
         """h2c prior knowledge: the connection becomes an ``H2Downstream``."""
@@ -196,9 +215,7 @@ class Http1Downstream(asyncio.Protocol):
         self.closed = True  # this protocol object is done; the connection is not
         self._tracker.discard(self)
         self._http_stats.add("downstream_cx_active", -1)
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
+        self._cancel_timers()
         h2 = H2Downstream(self.ctx, self.handler, counted=True)
         t.set_protocol(h2)
         h2.connection_made(t)
@@ -216,9 +233,10 @@ class Http1Downstream(asyncio.Protocol):
         self.closed = True
         self._tracker.discard(self)
         self._http_stats.add("downstream_cx_active", -1)
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
+        self._cancel_timers()
         for st in list(self.streams.values()):
+            if st.rq_timer is not None:
+                st.rq_timer.cancel()
             if st.body is not None:
                 st.body.feed_reset()
             if st.task is not None and not st.done:
@@ -249,6 +267,9 @@ class Http1Downstream(asyncio.Protocol):
                 st = streams.get(ev.stream_id)
                 if st is not None and st.body is not None:
                     st.body.feed(ev.data, ev.end_stream)
+                    if ev.end_stream and st.rq_timer is not None:
+                        st.rq_timer.cancel()
+                        st.rq_timer = None
                     if st.body.over_high:
                         self._pause()
             elif t is Trailers:
@@ -256,10 +277,16 @@ class Http1Downstream(asyncio.Protocol):
                 if st is not None and st.body is not None:
                     st.body.trailers = ev.headers
                     st.body.feed(b"", True)
+                    if st.rq_timer is not None:
+                        st.rq_timer.cancel()
+                        st.rq_timer = None
             elif t is Upgrade:
                 st = streams.get(ev.stream_id)
                 if st is not None:
                     st.upgrade = ev.protocol
+                    if st.rq_timer is not None:  # a tunnel has no "whole request"
+                        st.rq_timer.cancel()
+                        st.rq_timer = None
                     if st.body is None:
                         st.body = BodyChannel(self.resume)
             elif t is StreamReset:
@@ -283,9 +310,16 @@ class Http1Downstream(asyncio.Protocol):
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         self.requests += 1
         st = DownstreamStream(self, head)
         self.streams[st.sid] = st
+        hcm = self.ctx.hcm
+        if hcm.request_timeout_s and not head.end_stream:
+            st.rq_timer = self._loop.call_later(hcm.request_timeout_s, self._request_timeout, st)
+        self._arm_activity()
         max_rq = self.ctx.hcm.max_requests_per_connection
         if max_rq is not None and self.requests >= max_rq:
             self.codec.close()
@@ -321,6 +355,7 @@ class Http1Downstream(asyncio.Protocol):
         if t is None or self.closed:
             return
         if out:
+            self._last = self._loop.time()
             t.write(out)
         if self.codec.wants_close:
             t.close()
@@ -366,6 +401,90 @@ class Http1Downstream(asyncio.Protocol):
         self.codec.close()
         if not self.streams and self.transport is not None:
             self.transport.close()
+
+    # -- timeouts (HCM) ---------------------------------------------------------------------
+
+    def _cancel_timers(self) -> None:
+        for name in ("_idle_handle", "_activity", "_head_timer", "_life"):
+            h = getattr(self, name)
+            if h is not None:
+                h.cancel()
+                setattr(self, name, None)
+
+    def _head_started(self) -> None:
+        """Bytes of a request head arrived (slowloris guards): ``request_headers_timeout``
+        runs from here to the end of the head; ``stream_idle_timeout`` covers silence."""
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        t = self.ctx.hcm.request_headers_timeout_s
+        if t and self._head_timer is None:
+            self._head_timer = self._loop.call_later(t, self._headers_timeout)
+        self._arm_activity()
+
+    def _headers_timeout(self) -> None:
+        self._head_timer = None
+        if self.closed or not self.codec._in_head or self.transport is None:
+            return
+        self._http_stats.inc("downstream_rq_header_timeout")
+        self.transport.abort()  # Envoy closes the connection
+
+    def _arm_activity(self) -> None:
+        t = self.ctx.hcm.stream_idle_timeout_s
+        if t and self._activity is None and not self.closed:
+            self._activity = self._loop.call_later(t, self._check_activity)
+
+    def _check_activity(self) -> None:
+        self._activity = None
+        t = self.ctx.hcm.stream_idle_timeout_s
+        if self.closed or not t or self.transport is None:
+            return
+        if not self.streams and not self.codec._in_head:
+            return  # between requests: the connection idle timeout applies
+        quiet = self._loop.time() - self._last
+        if quiet < t:
+            self._activity = self._loop.call_later(t - quiet, self._check_activity)
+            return
+        self._http_stats.inc("downstream_rq_idle_timeout")
+        if not self.streams:  # a head that stopped arriving
+            self.transport.abort()
+            return
+        for st in list(self.streams.values()):
+            self._time_out(st, b"stream timeout", "SI")
+        self.codec.close()
+        self.flush()
+
+    def _request_timeout(self, st: DownstreamStream) -> None:
+        st.rq_timer = None
+        if self.closed or st.done or self.streams.get(st.sid) is not st:
+            return
+        self._http_stats.inc("downstream_rq_timeout")
+        self._time_out(st, b"request timeout", "")
+        self.codec.close()
+        self.flush()
+
+    def _time_out(self, st: DownstreamStream, body: bytes, flag: str) -> None:
+        """408 with Envoy's body when nothing was answered yet, else reset; the stream's
+        task is cancelled (its upstream request with it)."""
+        st.flags = flag
+        if not st.response_started and not st.done:
+            st.local_status = 408
+            st.send_response(408, [(b"content-length", b"%d" % len(body)),
+                                   (b"content-type", b"text/plain")], False)
+            st.send_data(body, True)
+        elif not st.done:
+            st.reset()
+        if st.body is not None and not st.body.ended:
+            st.body.feed_reset()
+        if st.task is not None and not st.task.done():
+            st.task.cancel()
+
+    def _max_duration_reached(self) -> None:
+        """``max_connection_duration``: drain (the last response says Connection: close)."""
+        self._life = None
+        if not self.closed:
+            self._http_stats.inc("downstream_cx_max_duration_reached")
+            self.start_drain()
 
 
 def make_downstream(ctx: ConnContext, handler: Any, protocol: str | None = None

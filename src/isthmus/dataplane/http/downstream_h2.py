@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from isthmus.dataplane.http.body import BodyChannel
@@ -56,6 +57,7 @@ SEND_HIGH = 256 * 1024
 DEFAULT_MAX_CONCURRENT_STREAMS = 1024
 DEFAULT_STREAM_WINDOW = 1 << 20  # equals BodyChannel.HIGH: a stream buffers <= its window
 DEFAULT_CONNECTION_WINDOW = 16 << 20
+DEFAULT_MAX_HEADERS_COUNT = 100  # Envoy's common_http_protocol_options default
 HCM_TYPE = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 
@@ -92,8 +94,11 @@ class H2Stream:
         "done",
         "flags",
         "head",
+        "last",
+        "local_status",
         "received",
         "response_started",
+        "rq_timer",
         "sid",
         "task",
         "upgrade",
@@ -112,6 +117,9 @@ class H2Stream:
         self.received = 0  # request body bytes received (flow-controlled)
         self.acked = 0
         self._waiter: asyncio.Future[None] | None = None
+        self.last = conn._loop.time()  # last byte either way (stream_idle_timeout)
+        self.rq_timer: asyncio.TimerHandle | None = None  # HCM request_timeout
+        self.local_status = 0
 
     def send_informational(self, status: int) -> None:
         c = self.conn
@@ -129,6 +137,7 @@ class H2Stream:
 
     def send_data(self, data: bytes, end_stream: bool) -> None:
         c = self.conn
+        self.last = c._loop.time()
         c.codec.send_data(self.sid, data, end_stream)
         if end_stream:
             self.done = True
@@ -192,6 +201,9 @@ class H2Downstream(asyncio.Protocol):
         self._flush_scheduled = False
         self._idle_handle: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_event_loop()
+        self._activity: asyncio.TimerHandle | None = None  # stream_idle_timeout check
+        self._max_duration = hcm_limits(ctx).max_connection_duration_s
+        self._life: asyncio.TimerHandle | None = None
         self._tracker = ctx.proxy.connections
         self._http_stats = ctx.proxy.stats.scope(f"http.{hcm.stat_prefix}.")
         self._counted = counted  # downstream_cx_total already counted (HTTP/1 handed over)
@@ -209,6 +221,8 @@ class H2Downstream(asyncio.Protocol):
         hs.add("downstream_cx_http2_active", 1)
         self.flush()  # server SETTINGS
         self._arm_idle()
+        if self._max_duration:
+            self._life = self._loop.call_later(self._max_duration, self._max_duration_reached)
         if self.ctx.proxy.draining:
             self.start_drain()
 
@@ -226,8 +240,10 @@ class H2Downstream(asyncio.Protocol):
         self._tracker.discard(self)
         self._http_stats.add("downstream_cx_active", -1)
         self._http_stats.add("downstream_cx_http2_active", -1)
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
+        for h in (self._idle_handle, self._activity, self._life):
+            if h is not None:
+                h.cancel()
+        self._idle_handle = self._activity = self._life = None
         for st in list(self.streams.values()):
             self._abort(st)
         self.streams.clear()
@@ -251,6 +267,10 @@ class H2Downstream(asyncio.Protocol):
                 if st is not None:
                     n = len(ev.data)
                     st.received += n
+                    st.last = self._loop.time()
+                    if ev.end_stream and st.rq_timer is not None:
+                        st.rq_timer.cancel()
+                        st.rq_timer = None
                     body = st.body
                     if body is not None and not body.ended:
                         body.feed(ev.data, ev.end_stream)
@@ -265,6 +285,9 @@ class H2Downstream(asyncio.Protocol):
                 if st is not None and st.body is not None:
                     st.body.trailers = ev.headers
                     st.body.feed(b"", True)
+                    if st.rq_timer is not None:
+                        st.rq_timer.cancel()
+                        st.rq_timer = None
             elif t is SendWindowOpened:
                 st = streams.get(ev.stream_id)
                 if st is not None:
@@ -289,6 +312,9 @@ class H2Downstream(asyncio.Protocol):
     def _abort(self, st: H2Stream) -> None:
         """The client reset the stream or went away: stop its work."""
         st.done = True
+        if st.rq_timer is not None:
+            st.rq_timer.cancel()
+            st.rq_timer = None
         if st.body is not None and not st.body.ended:
             st.body.feed_reset()
         if st.task is not None and not st.task.done():
@@ -302,6 +328,12 @@ class H2Downstream(asyncio.Protocol):
         self.requests += 1
         st = H2Stream(self, head)
         self.streams[st.sid] = st
+        hcm = self.ctx.hcm
+        if hcm.request_timeout_s and not head.end_stream:
+            st.rq_timer = self._loop.call_later(hcm.request_timeout_s, self._request_timeout, st)
+        if hcm.stream_idle_timeout_s and self._activity is None:
+            self._activity = self._loop.call_later(hcm.stream_idle_timeout_s,
+                                                   self._check_activity)
         max_rq = self.ctx.hcm.max_requests_per_connection
         if max_rq is not None and self.requests >= max_rq:
             self.codec.close()  # GOAWAY: this stream is the last one
@@ -327,6 +359,9 @@ class H2Downstream(asyncio.Protocol):
                       and not self.codec.buffered_amount(st.sid)):
                     # answered before the request ended: stop the upload (RFC 9113 8.1)
                     self.codec.reset_stream(st.sid, ErrorCode.NO_ERROR)
+            if st.rq_timer is not None:
+                st.rq_timer.cancel()
+                st.rq_timer = None
             if self.streams.get(st.sid) is st:
                 del self.streams[st.sid]
             left = st.received - st.acked
@@ -372,6 +407,53 @@ class H2Downstream(asyncio.Protocol):
             self.flush()
             self.transport.close()
 
+    def _check_activity(self) -> None:
+        """``stream_idle_timeout``: a stream with no byte either way for that long gets
+        408 (nothing answered yet) or RST_STREAM; one timer per connection."""
+        self._activity = None
+        t = self.ctx.hcm.stream_idle_timeout_s
+        if self.closed or not t or not self.streams:
+            return
+        now = self._loop.time()
+        oldest = now
+        for st in list(self.streams.values()):
+            if now - st.last >= t:
+                self._http_stats.inc("downstream_rq_idle_timeout")
+                self._time_out(st, b"stream timeout", "SI")
+            else:
+                oldest = min(oldest, st.last)
+        if self.streams:
+            self._activity = self._loop.call_later(max(0.001, oldest + t - now),
+                                                   self._check_activity)
+
+    def _request_timeout(self, st: H2Stream) -> None:
+        st.rq_timer = None
+        if self.closed or st.done or self.streams.get(st.sid) is not st:
+            return
+        self._http_stats.inc("downstream_rq_timeout")
+        self._time_out(st, b"request timeout", "")
+
+    def _time_out(self, st: H2Stream, body: bytes, flag: str) -> None:
+        st.flags = flag
+        if not st.response_started and not st.done:
+            st.local_status = 408
+            st.send_response(408, [(b"content-length", b"%d" % len(body)),
+                                   (b"content-type", b"text/plain")], False)
+            st.send_data(body, True)
+        elif not st.done:
+            st.reset()
+        if st.body is not None and not st.body.ended:
+            st.body.feed_reset()
+        if st.task is not None and not st.task.done():
+            st.task.cancel()
+        self.flush()
+
+    def _max_duration_reached(self) -> None:
+        self._life = None
+        if not self.closed:
+            self._http_stats.inc("downstream_cx_max_duration_reached")
+            self.start_drain()
+
     def start_drain(self) -> None:
         """GOAWAY (NO_ERROR): no new streams; close once the open ones finish."""
         if self.closed:
@@ -385,34 +467,53 @@ class H2Downstream(asyncio.Protocol):
 
 # --------------------------------------------------------------------------- settings
 
-_opts_cache: dict[int, tuple[Any, tuple[int, int, int]]] = {}
+
+@dataclass(frozen=True, slots=True)
+class HcmLimits:
+    """HCM settings ``proxy.config.HcmConfig`` does not compile (yet), read from the
+    listener proto: HTTP/2 options, ``common_http_protocol_options``
+    ``max_connection_duration`` and ``max_headers_count`` (Envoy's defaults otherwise)."""
+
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
+    initial_stream_window: int = DEFAULT_STREAM_WINDOW
+    initial_connection_window: int = DEFAULT_CONNECTION_WINDOW
+    max_connection_duration_s: float | None = None
+    max_headers_count: int = DEFAULT_MAX_HEADERS_COUNT
+
+
+_DEFAULT_LIMITS = HcmLimits()
+_opts_cache: dict[int, tuple[Any, str, HcmLimits]] = {}
+
+
+def hcm_limits(ctx: Any) -> HcmLimits:
+    """The connection's ``HcmLimits`` (found in the listener proto by stat_prefix;
+    memoised per listener)."""
+    lis = ctx.listener
+    key = id(lis)
+    hit = _opts_cache.get(key)
+    if hit is not None and hit[0] is lis and hit[1] == ctx.hcm.stat_prefix:
+        return hit[2]
+    found = _scan(getattr(lis, "proto", None), ctx.hcm.stat_prefix)
+    if len(_opts_cache) > 1024:
+        _opts_cache.clear()
+    _opts_cache[key] = (lis, ctx.hcm.stat_prefix, found)
+    return found
 
 
 def h2_options(ctx: Any) -> tuple[int, int, int]:
     """(max_concurrent_streams, initial stream window, initial connection window) from
-    the HCM's ``http2_protocol_options`` (found in the listener proto by stat_prefix;
-    memoised per listener), else our defaults."""
-    lis = ctx.listener
-    key = id(lis)
-    hit = _opts_cache.get(key)
-    if hit is not None and hit[0] is lis:
-        found = hit[1]
-    else:
-        found = _scan(getattr(lis, "proto", None), ctx.hcm.stat_prefix)
-        if len(_opts_cache) > 1024:
-            _opts_cache.clear()
-        _opts_cache[key] = (lis, found)
-    return found
+    the HCM's ``http2_protocol_options``, else our defaults."""
+    lim = hcm_limits(ctx)
+    return lim.max_concurrent_streams, lim.initial_stream_window, lim.initial_connection_window
 
 
 def _wrapped(o: Any, name: str, default: int) -> int:
     return int(getattr(o, name).value) if o.HasField(name) else default
 
 
-def _scan(proto: Any, stat_prefix: str) -> tuple[int, int, int]:
-    default = (DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_STREAM_WINDOW, DEFAULT_CONNECTION_WINDOW)
+def _scan(proto: Any, stat_prefix: str) -> HcmLimits:
     if proto is None:
-        return default
+        return _DEFAULT_LIMITS
     try:
         from envoy.extensions.filters.network.http_connection_manager.v3 import (
             http_connection_manager_pb2 as hcm_pb2,
@@ -428,17 +529,27 @@ def _scan(proto: Any, stat_prefix: str) -> tuple[int, int, int]:
                 h = hcm_pb2.HttpConnectionManager()
                 if not f.typed_config.Unpack(h) or h.stat_prefix != stat_prefix:
                     continue
-                if not h.HasField("http2_protocol_options"):
-                    return default
-                o = h.http2_protocol_options
-                return (max(1, min(_wrapped(o, "max_concurrent_streams",
-                                            DEFAULT_MAX_CONCURRENT_STREAMS), (1 << 31) - 1)),
-                        _wrapped(o, "initial_stream_window_size", DEFAULT_STREAM_WINDOW),
-                        _wrapped(o, "initial_connection_window_size",
-                                 DEFAULT_CONNECTION_WINDOW))
+                kw: dict[str, Any] = {}
+                if h.HasField("http2_protocol_options"):
+                    o = h.http2_protocol_options
+                    kw["max_concurrent_streams"] = max(1, min(_wrapped(
+                        o, "max_concurrent_streams", DEFAULT_MAX_CONCURRENT_STREAMS),
+                        (1 << 31) - 1))
+                    kw["initial_stream_window"] = _wrapped(o, "initial_stream_window_size",
+                                                           DEFAULT_STREAM_WINDOW)
+                    kw["initial_connection_window"] = _wrapped(
+                        o, "initial_connection_window_size", DEFAULT_CONNECTION_WINDOW)
+                if h.HasField("common_http_protocol_options"):
+                    c = h.common_http_protocol_options
+                    if c.HasField("max_connection_duration"):
+                        d = c.max_connection_duration
+                        kw["max_connection_duration_s"] = (d.seconds + d.nanos / 1e9) or None
+                    kw["max_headers_count"] = max(1, _wrapped(c, "max_headers_count",
+                                                              DEFAULT_MAX_HEADERS_COUNT))
+                return HcmLimits(**kw)
     except Exception:  # options are a refinement; never fail a connection over them
-        log.debug("cannot read http2_protocol_options", exc_info=True)
-    return default
+        log.debug("cannot read the HCM's protocol options", exc_info=True)
+    return _DEFAULT_LIMITS
 
 
-__all__ = ["H2Downstream", "H2Stream", "h2_options"]
+__all__ = ["H2Downstream", "H2Stream", "HcmLimits", "h2_options", "hcm_limits"]
