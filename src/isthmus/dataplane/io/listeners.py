@@ -56,8 +56,21 @@ from isthmus.dataplane.proxy.config import (
     TlsContextConfig,
 )
 from isthmus.dataplane.sansio import detect
+from isthmus.observability.records import TcpRecord
 
 log = logging.getLogger(__name__)
+rbac_log = logging.getLogger("isthmus.rbac")
+
+
+class ConnRecord(TcpRecord):
+    """A tcp_proxy connection's record plus Envoy's connection termination details
+    (network RBAC / ext_authz denials)."""
+
+    __slots__ = ("termination_details",)
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.termination_details = ""
 
 BACKLOG = 1024
 ACCEPTS_PER_EVENT = 64
@@ -359,7 +372,11 @@ class ListenerManager:
                                       dst, d, insp.sni)
                 return
             if chain.tcp_proxy is not None:
-                await self._tcp_proxy(chain.tcp_proxy, sock, d)
+                rec = ConnRecord(target.name, local, remote_a, insp.sni)
+                if (chain.rbac is not None or chain.ext_authz is not None) and \
+                        not await self._authorize(chain, rec, local, remote_a, dst, None):
+                    return
+                await self._tcp_proxy(chain.tcp_proxy, sock, d, rec=rec)
                 return
             assert chain.hcm is not None
             from isthmus.dataplane.http.conn_manager import handle_stream
@@ -394,7 +411,15 @@ class ListenerManager:
                 self._tls_failed(lstats, exc)
                 return
             lstats.inc("ssl.handshake")
-            await self._tcp_proxy(chain.tcp_proxy, sock, d, down_pipe=pipe)
+            rec = ConnRecord(target.name, local, remote, sni)
+            info = pipe.info
+            rec.peer_principal = info.peer_identity if info is not None else ""
+            if (chain.rbac is not None or chain.ext_authz is not None) and \
+                    not await self._authorize(chain, rec, local, remote, dst, info):
+                if pipe.transport is not None and not pipe.lost:
+                    pipe.transport.abort()
+                return
+            await self._tcp_proxy(chain.tcp_proxy, sock, d, down_pipe=pipe, rec=rec)
             return
         assert chain.hcm is not None
         from isthmus.dataplane.http import downstream
@@ -429,19 +454,76 @@ class ListenerManager:
             lstats.inc(extra)
         log.debug("%s", exc)
 
+    async def _authorize(self, chain: FilterChain, rec: ConnRecord, local: tuple[str, int],
+                         remote: tuple[str, int], dst: tuple[str, int] | None,
+                         info: Any) -> bool:
+        """Network RBAC then ext_authz, once per connection (after the TLS handshake, so
+        the peer certificate is known). False: the caller closes the connection."""
+        from isthmus.dataplane.http.filters.rbac import connection
+
+        core = self.core
+        tp = chain.tcp_proxy
+        prefix = tp.stat_prefix if tp is not None else ""
+        md: dict[str, Any] = {}
+        if chain.rbac is not None:
+            conn = connection(local, remote, dst, info)
+            d = chain.rbac.evaluate(conn)
+            for se in d.shadow_effects:
+                md.update(se.metadata())
+            rbac = chain.rbac.filters[d.filter_index] if d.filter_index >= 0 else None
+            sp = (rbac.stat_prefix if rbac is not None else "") or prefix
+            if not d.allowed:
+                core.stats.inc(f"{sp}rbac.denied" if sp.endswith(".") or not sp
+                               else f"{sp}.rbac.denied")
+                rec.termination_details = d.response_code_details
+                rbac_log.info("rbac: denied by %s for %s (tcp %s:%d -> %s:%d)",
+                              d.policy_name or "no matching ALLOW policy",
+                              rec.peer_principal or "unauthenticated peer " + remote[0],
+                              remote[0], remote[1], *(dst or local))
+                self._tcp_closed(rec)
+                return False
+            if d.action is not None:
+                core.stats.inc(f"{sp}rbac.allowed" if sp.endswith(".") or not sp
+                               else f"{sp}.rbac.allowed")
+        ea = chain.ext_authz
+        if ea is not None and ea.enabled_for({"envoy.filters.network.rbac": md}):
+            ok, why = await ea.check(core, dst or local, remote, rec.peer_principal)
+            if not ok:
+                core.stats.inc(f"{ea.stat_prefix}ext_authz.denied")
+                rec.termination_details = "ext_authz_denied"
+                rec.flags.append("UAEX")
+                log.info("ext_authz: closing tcp connection from %s:%d (%s)", remote[0],
+                         remote[1], why)
+                self._tcp_closed(rec)
+                return False
+        return True
+
+    def _tcp_closed(self, rec: ConnRecord) -> None:
+        tel = getattr(self.core, "telemetry", None)
+        if tel is not None:
+            try:
+                tel.tcp_done(rec)
+            except Exception:  # noqa: BLE001 - telemetry never breaks the data path
+                log.exception("tcp telemetry failed")
+
     async def _tcp_proxy(self, tp: TcpProxyConfig, sock: socket.socket,
-                         dst: tuple[str, int], down_pipe: Any = None) -> None:
+                         dst: tuple[str, int], down_pipe: Any = None,
+                         rec: ConnRecord | None = None) -> None:
         """tcp_proxy from ``sock`` (plain) or ``down_pipe`` (a terminated TLS downstream,
-        whose transport owns the socket)."""
+        whose transport owns the socket). ``rec`` goes to ``Telemetry.tcp_open`` when the
+        upstream connects and ``tcp_done`` when the connection ends (flags NC, UH, UO,
+        UF; bytes both ways)."""
+        rec = rec if rec is not None else ConnRecord()
         try:
-            await self._tcp_proxy_inner(tp, sock, dst, down_pipe)
+            await self._tcp_proxy_inner(tp, sock, dst, down_pipe, rec)
         finally:
             if down_pipe is not None and down_pipe.transport is not None \
                     and not down_pipe.lost:
                 down_pipe.transport.abort()
+            self._tcp_closed(rec)
 
     async def _tcp_proxy_inner(self, tp: TcpProxyConfig, sock: socket.socket,
-                               dst: tuple[str, int], down_pipe: Any) -> None:
+                               dst: tuple[str, int], down_pipe: Any, rec: ConnRecord) -> None:
         from isthmus.dataplane.proxy.runtime import random64
 
         core = self.core
@@ -449,8 +531,10 @@ class ListenerManager:
         cluster = core.manager.clusters.get(cluster_name)
         stats = core.stats.scope(f"tcp.{tp.stat_prefix}.")
         stats.inc("downstream_cx_total")
+        rec.cluster_name = cluster_name
         if cluster is None:
             stats.inc("downstream_cx_no_route")
+            rec.flags.append("NC")
             return
         cs = cluster.stats
         if cluster.config.type == "ORIGINAL_DST":
@@ -461,10 +545,12 @@ class ListenerManager:
             host_addr = (host.address, host.port) if host is not None else None
         if host_addr is None:
             cs.inc("upstream_cx_none_healthy")
+            rec.flags.append("UH")
             return
         res = cluster.resources
         if not res.try_acquire(Resource.CONNECTIONS):
             cs.inc("upstream_cx_overflow")
+            rec.flags.append("UO")
             return
         try:
             cs.inc("upstream_cx_total")
@@ -493,10 +579,15 @@ class ListenerManager:
                         cs.inc("upstream_cx_connect_timeout")
                     if host is not None:
                         cluster.record(host, LocalOrigin.CONNECT_FAILED)
+            rec.upstream_host = key
             if up is None and up_pipe is None:
+                rec.flags.append("UF")
                 return
             if host is not None:
                 cluster.record(host, LocalOrigin.CONNECT_SUCCESS_FINAL)
+            tel = getattr(core, "telemetry", None)
+            if tel is not None:
+                tel.tcp_open(rec)
             cs.add("upstream_cx_active", 1)
             try:
                 if up_pipe is None and down_pipe is None:
@@ -506,6 +597,8 @@ class ListenerManager:
                     st = await self._relay_tls(sock, up, down_pipe, up_pipe, tp)
                 cs.inc("upstream_cx_tx_bytes_total", st.upstream_bytes)
                 cs.inc("upstream_cx_rx_bytes_total", st.downstream_bytes)
+                rec.bytes_received = st.upstream_bytes
+                rec.bytes_sent = st.downstream_bytes
             finally:
                 cs.add("upstream_cx_active", -1)
                 if up is not None:
