@@ -147,6 +147,24 @@ def _resp(arg: str) -> Piece:
     return lambda r: _s(r.resp(name))
 
 
+def _dyn(arg: str) -> Piece:
+    """%DYNAMIC_METADATA(NAMESPACE:KEY*)%: records with ``dynamic_metadata(ns, keys)``."""
+    ns, *keys = arg.split(":")
+    kt = tuple(keys)
+
+    def piece(r: Any) -> str:
+        f = getattr(r, "dynamic_metadata", None)
+        v = f(ns, kt) if f is not None else None
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (dict, list)):
+            import json
+
+            return json.dumps(v, separators=(",", ":"), sort_keys=True)
+        return _s(v)
+    return piece
+
+
 def _env(arg: str) -> Piece:
     v = os.environ.get(arg.partition(":")[0])
     return lambda r: _s(v)
@@ -158,7 +176,7 @@ _SIMPLE: dict[str, Piece] = {
     "RESPONSE_CODE": lambda r: str(r.code),
     "RESPONSE_FLAGS": lambda r: r.flags_text(),
     "RESPONSE_CODE_DETAILS": lambda r: _s(r.code_details()),
-    "CONNECTION_TERMINATION_DETAILS": lambda r: "-",
+    "CONNECTION_TERMINATION_DETAILS": lambda r: _s(getattr(r, "termination_details", None)),
     "UPSTREAM_TRANSPORT_FAILURE_REASON": lambda r: "-",
     "BYTES_RECEIVED": lambda r: str(r.bytes_received),
     "BYTES_SENT": lambda r: str(r.bytes_sent),
@@ -224,6 +242,8 @@ def compile_format(fmt: str) -> Formatter:
             piece = _resp(arg)
         elif op == "ENVIRONMENT" and arg:
             piece = _env(arg)
+        elif op == "DYNAMIC_METADATA" and arg:
+            piece = _dyn(arg)
         elif op == "START_TIME" and arg:
             piece = _strftime(arg)
         elif op in _SIMPLE:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from isthmus.observability.access_log import AccessLog
@@ -91,19 +92,24 @@ class Telemetry:
 
     # -- peers ------------------------------------------------------------------------------
 
-    def edge(self, cluster_name: str, host: str, listener_name: str) -> Edge:
-        key = (cluster_name, host, listener_name)
+    def edge(self, cluster_name: str, host: str, listener_name: str,
+             principal: str = "") -> Edge:
+        """``principal``: the downstream's mTLS peer identity (inbound edges use it)."""
+        key = (cluster_name, host, listener_name, principal)
         e = self._cache.get(key)
         if e is None:
-            e = self._cache[key] = self._resolve(cluster_name, host, listener_name)
+            if len(self._cache) > 4096:
+                self._cache = {}
+            e = self._cache[key] = self._resolve(cluster_name, host, listener_name, principal)
         return e
 
-    def _resolve(self, cluster_name: str, host: str, listener_name: str) -> Edge:
+    def _resolve(self, cluster_name: str, host: str, listener_name: str,
+                 principal: str = "") -> Edge:
         cluster = self._clusters.get(cluster_name) if self._clusters and cluster_name else None
         proto = cluster.config.proto if cluster is not None else None
         service = service_from_cluster(cluster_name, proto) if cluster_name else UNKNOWN_SERVICE
         if cluster_name.startswith(_INBOUND_PREFIXES) or listener_name == "virtualInbound":
-            return self.inbound_edge(service, "")
+            return self.inbound_edge(service, principal)
         dest = self._endpoint_workload(cluster, host) if host else UNKNOWN_WORKLOAD
         return self.edges.intern("source", self.local, dest, service, UNKNOWN)
 
@@ -111,7 +117,12 @@ class Telemetry:
         """Reporter ``destination``. ``principal``: the downstream's SPIFFE identity when
         the connection is mTLS (then ``source_principal`` is set and
         connection_security_policy is ``mutual_tls``), else empty."""
-        source = UNKNOWN_WORKLOAD.with_principal(principal) if principal else UNKNOWN_WORKLOAD
+        source = UNKNOWN_WORKLOAD
+        if principal:
+            source = UNKNOWN_WORKLOAD.with_principal(principal)
+            parts = principal.split("/")  # spiffe://td/ns/<ns>/sa/<sa>: the namespace
+            if len(parts) >= 7 and parts[3] == "ns" and parts[5] == "sa":
+                source = replace(source, namespace=parts[4])
         policy = "mutual_tls" if principal else "none"
         local = self.local
         return self.edges.intern("destination", source, local, service, policy)
@@ -137,7 +148,7 @@ class Telemetry:
 
     def http_done(self, r: Any) -> None:
         """One finished HTTP exchange (``conn_manager.RecordingStream``)."""
-        edge = self.edge(r.cluster_name, r.upstream_host, r.listener_name)
+        edge = self.edge(r.cluster_name, r.upstream_host, r.listener_name, r.peer_principal)
         flags = r.flags_text()
         self.metrics.record_http(edge, r.request_protocol, r.code, r.grpc_status, flags,
                                  r.duration_ms, r.bytes_received, r.bytes_sent)
@@ -148,12 +159,13 @@ class Telemetry:
     def tcp_open(self, r: TcpRecord) -> None:
         """The upstream connection of a tcp_proxy connection is established."""
         r.opened = True
-        r.edge = self.edge(r.cluster_name, r.upstream_host, r.listener_name)
+        r.edge = self.edge(r.cluster_name, r.upstream_host, r.listener_name, r.peer_principal)
         self.metrics.tcp_opened(r.edge)
 
     def tcp_done(self, r: TcpRecord) -> None:
         r.duration_ms = (time.monotonic() - r.start) * 1000.0
-        edge = r.edge or self.edge(r.cluster_name, r.upstream_host, r.listener_name)
+        edge = r.edge or self.edge(r.cluster_name, r.upstream_host, r.listener_name,
+                                   r.peer_principal)
         # an opened connection closes under the series it opened in; one that never
         # reached an upstream (UF, UH, UO, NC) is opened+closed under its flags
         flags = "-" if r.opened else r.flags_text()
