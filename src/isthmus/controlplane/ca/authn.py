@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 #: The audience Istio's agent requests for the token it sends to the CA.
 ISTIO_CA_AUDIENCE = "istio-ca"
 SERVICE_ACCOUNT_USER_PREFIX = "system:serviceaccount:"
+#: TokenReview user extra naming the node of a node-bound pod token (Kubernetes >= 1.30)
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 
 
 class AuthenticationError(IsthmusError):
@@ -50,6 +52,10 @@ class AuthenticationError(IsthmusError):
 class Caller:
     namespace: str
     service_account: str
+    #: the node the caller's pod runs on, when the token says so (node-bound ztunnel
+    #: tokens; Kubernetes' ``authentication.kubernetes.io/node-name`` extra); used to
+    #: authorize certificate impersonation (see ``impersonation``)
+    node: str = ""
 
     def __post_init__(self) -> None:
         for part in (self.namespace, self.service_account):
@@ -83,10 +89,11 @@ class StaticTokenAuthenticator:
     def from_file(cls, path: Path | str) -> StaticTokenAuthenticator:
         return cls(path=path)
 
-    def issue(self, namespace: str, service_account: str) -> str:
-        """Mint a fresh random token for a pod of ``namespace``/``service_account``."""
+    def issue(self, namespace: str, service_account: str, node: str = "") -> str:
+        """Mint a fresh random token for a pod of ``namespace``/``service_account``
+        (``node``: the pod's node, for a ztunnel that may impersonate its node's pods)."""
         token = secrets.token_urlsafe(32)
-        self.add(token, Caller(namespace, service_account))
+        self.add(token, Caller(namespace, service_account, node))
         return token
 
     def add(self, token: str, caller: Caller) -> None:
@@ -112,7 +119,8 @@ class StaticTokenAuthenticator:
             entries = {}
             for key, who in raw.items():
                 digest = key[len("sha256:") :] if key.startswith("sha256:") else _digest(key)
-                entries[digest] = Caller(who["namespace"], who["serviceAccount"])
+                entries[digest] = Caller(who["namespace"], who["serviceAccount"],
+                                         str(who.get("node") or ""))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, AuthenticationError) as exc:
             log.error(
                 "token file %s is invalid (%s); keeping the previous table. Expected "
@@ -208,7 +216,9 @@ class KubernetesTokenReviewAuthenticator:
         parts = username[len(SERVICE_ACCOUNT_USER_PREFIX) :].split(":")
         if len(parts) != 2:
             raise AuthenticationError(f"unexpected service account user name {username!r}")
-        return Caller(parts[0], parts[1])
+        extra = (status.get("user") or {}).get("extra") or {}
+        node = extra.get(NODE_NAME_EXTRA) or [""]
+        return Caller(parts[0], parts[1], str(node[0] if isinstance(node, list) else node))
 
     async def authenticate(self, token: str) -> Caller:
         key = _digest(token)

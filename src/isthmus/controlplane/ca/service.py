@@ -8,7 +8,9 @@ Per call: bearer token (``authorization`` metadata) → :class:`~.authn.TokenAut
 * ``UNAUTHENTICATED``: no bearer token, or the authenticator rejects it;
 * ``INVALID_ARGUMENT``: malformed, oversized or badly signed CSR, unaccepted key,
   negative TTL;
-* ``PERMISSION_DENIED``: the CSR names an identity that is not the caller's;
+* ``PERMISSION_DENIED``: the CSR names an identity that is not the caller's (or, with
+  ``ImpersonatedIdentity`` metadata, the impersonation is not authorized: see
+  ``impersonation``; without an ``ImpersonationPolicy`` impersonation is refused);
 * ``FAILED_PRECONDITION``: the CA itself cannot sign (expired signing certificate).
 
 The TLS serving certificate (SAN ``istiod.istio-system.svc`` plus configured names and
@@ -37,6 +39,7 @@ from isthmus._proto.ca.v1 import ca_pb2
 from isthmus.controlplane.ca import pki
 from isthmus.controlplane.ca.authn import AuthenticationError, TokenAuthenticator
 from isthmus.controlplane.ca.authority import CertificateAuthority, utcnow
+from isthmus.controlplane.ca.impersonation import ImpersonationPolicy, requested_identity
 from isthmus.core.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -65,9 +68,11 @@ def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
 class CertificateService:
     """The ``CreateCertificate`` logic (transport-independent apart from the context)."""
 
-    def __init__(self, authority: CertificateAuthority, authenticator: TokenAuthenticator) -> None:
+    def __init__(self, authority: CertificateAuthority, authenticator: TokenAuthenticator,
+                 impersonation: ImpersonationPolicy | None = None) -> None:
         self.authority = authority
         self.authenticator = authenticator
+        self.impersonation = impersonation
         self.stats: Counter[str] = Counter()
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -106,6 +111,19 @@ class CertificateService:
             log.exception("authenticator failed")
             await self._reject(context, grpc.StatusCode.UNAVAILABLE, f"authenticator error: {exc}")
         identity = Identity(caller.namespace, caller.service_account, self.authority.trust_domain)
+        wanted = requested_identity(request.metadata) if request.HasField("metadata") else ""
+        if wanted and wanted != str(identity):
+            try:
+                if self.impersonation is None:
+                    raise pki.IdentityNotAllowed(
+                        "this CA does not allow impersonation (ImpersonatedIdentity): configure "
+                        "an ImpersonationPolicy")
+                identity = await self.impersonation.check(caller, wanted, self.authority.trust_domain)
+            except pki.IdentityNotAllowed as exc:
+                await self._reject(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            except Exception as exc:  # a node-authorizer bug must not look like a refusal
+                log.exception("impersonation check failed")
+                await self._reject(context, grpc.StatusCode.UNAVAILABLE, f"impersonation check error: {exc}")
         try:
             issued = self.authority.sign_csr(
                 request.csr.encode("utf-8", "replace"),
@@ -199,9 +217,10 @@ class CaServer:
         server_ips: Sequence[str] = (),
         serving_ttl: dt.timedelta = pki.DEFAULT_WORKLOAD_TTL,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        impersonation: ImpersonationPolicy | None = None,
     ) -> None:
         self.authority = authority
-        self.service = CertificateService(authority, authenticator)
+        self.service = CertificateService(authority, authenticator, impersonation)
         self.serving = ServingCertificate(
             authority, dns_names=server_names, ip_addresses=server_ips, ttl=serving_ttl
         )
