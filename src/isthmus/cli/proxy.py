@@ -67,6 +67,8 @@ def build_node(proxy_type: str, node_id: str | None, namespace: str, labels: dic
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--certs-dir", default=None, type=click.Path(file_okay=False),
               help="PEM files answering SDS secret names (default/, ROOTCA/, <credentialName>/).")
+@click.option("--sds-socket", default=None, type=click.Path(dir_okay=False),
+              help="The agent's SDS unix socket (secrets default/ROOTCA); overrides --certs-dir.")
 @click.option("--health-port", default=15021, show_default=True, type=int,
               help="Readiness /healthz/ready port (negative: off).")
 @click.option("--stats-port", default=15090, show_default=True, type=int,
@@ -76,7 +78,8 @@ def build_node(proxy_type: str, node_id: str | None, namespace: str, labels: dic
 def proxy(proxy_type: str, xds_address: str, node_id: str | None, namespace: str, labels: str,
           ip: str, pod_name: str | None, service_account: str, admin_port: int,
           admin_address: str, concurrency: int, xds_mode: str, drain_timeout: float,
-          mark: int | None, log_level: str, certs_dir: str | None, health_port: int,
+          mark: int | None, log_level: str, certs_dir: str | None, sds_socket: str | None,
+          health_port: int,
           stats_port: int, access_log_file: str, access_log_format: str | None) -> None:
     """Run a sidecar or router proxy fed by xDS."""
     logging.basicConfig(level=log_level.upper(),
@@ -85,6 +88,10 @@ def proxy(proxy_type: str, xds_address: str, node_id: str | None, namespace: str
         from isthmus.dataplane.io.certs import configure_certs_dir
 
         configure_certs_dir(certs_dir)
+    if sds_socket:  # secrets from the agent over SDS (workers inherit it, environment)
+        from isthmus.dataplane.proxy.sds import configure_sds
+
+        configure_sds(sds_socket)
     node = build_node(proxy_type, node_id, namespace, parse_labels(labels), ip,
                       pod_name or socket.gethostname(), service_account)
     try:

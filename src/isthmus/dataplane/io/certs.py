@@ -22,8 +22,13 @@ of PEM files (``--certs-dir``, or the ``ISTHMUS_CERTS_DIR`` environment variable
   file-root:CA         file CA; ``file-root:system`` is the system trust store
 
 Files are re-read when their mtime changes (checked at most once per ``RECHECK_S``), so a
-rotated certificate reaches new connections without a restart. A real SDS client will
-implement the same ``SecretProvider`` protocol (``get(name) -> Secret | None``).
+rotated certificate reaches new connections without a restart. A secret directory
+written the Kubernetes way (the agent's ``..data`` symlink switched atomically to a new
+``..<timestamp>`` directory) is resolved through ``..data`` once per lookup, so the
+certificate and the key always come from the same generation (a lookup racing with the
+removal of an old generation is retried). With ``--sds-socket`` (or
+``ISTHMUS_SDS_SOCKET``) the provider is ``proxy.sds.SdsSecretProvider`` instead: the
+same ``SecretProvider`` protocol (``get(name) -> Secret | None``) fed by the agent's SDS.
 Neighbours: ``proxy.config`` (TlsContextConfig), ``io.tls`` (contexts, handshakes).
 """
 
@@ -38,6 +43,9 @@ from typing import Protocol
 from isthmus.dataplane.proxy.config import DataSource, TlsContextConfig
 
 CERTS_DIR_ENV = "ISTHMUS_CERTS_DIR"
+SDS_SOCKET_ENV = "ISTHMUS_SDS_SOCKET"
+DATA_LINK = "..data"
+MAX_CACHED_FILES = 512
 RECHECK_S = 1.0
 SYSTEM_ROOTS = b"<system>"  # trusted_ca marker: load the system default verify paths
 
@@ -98,6 +106,8 @@ class _FileCache:
                 self._files.pop(path, None)
             raise SecretUnavailable(f"cannot read {path}: {exc.strerror or exc}") from None
         with self._lock:
+            if len(self._files) > MAX_CACHED_FILES:  # old ..<timestamp> generations
+                self._files.clear()
             self._files[path] = (now, ver, data)
         return data, ver
 
@@ -126,15 +136,40 @@ class DirectorySecretProvider:
             self._memo[name] = (now, s)
         return s
 
-    def _first(self, dirs: list[str], names: tuple[str, ...]) -> str | None:
+    @staticmethod
+    def _generation(d: str) -> str:
+        """``d`` itself, or the directory its ``..data`` symlink points to now (one
+        consistent generation of an atomically written secret directory)."""
+        link = os.path.join(d, DATA_LINK)
+        if os.path.islink(link):
+            real = os.path.realpath(link)
+            if os.path.isdir(real):
+                return real
+        return d
+
+    def _first(self, dirs: list[str], names: tuple[str, ...],
+               gens: dict[str, str] | None = None) -> str | None:
         for d in dirs:
+            if gens is not None:
+                g = gens.get(d) or d
+            elif not os.path.isdir(d):
+                continue
+            else:
+                g = self._generation(d)
             for n in names:
-                p = os.path.join(d, n)
+                p = os.path.join(g, n)
                 if os.path.exists(p):
                     return p
         return None
 
     def lookup(self, name: str) -> Secret | None:
+        try:
+            return self._lookup(name)
+        except SecretUnavailable:
+            # a rotation removed the generation we resolved: resolve ..data again
+            return self._lookup(name)
+
+    def _lookup(self, name: str) -> Secret | None:
         if name.startswith("file-cert:"):
             cert_path, _, key_path = name[len("file-cert:"):].partition("~")
             c, cv = FILES.read(cert_path)
@@ -164,13 +199,14 @@ class DirectorySecretProvider:
             root_dirs = cert_dirs
         chain = key = root = b""
         versions = []
-        cp = self._first(cert_dirs, _CHAIN_NAMES)
-        kp = self._first(cert_dirs, _KEY_NAMES)
+        gens = {d: self._generation(d) for d in {*cert_dirs, *root_dirs}}  # resolved once
+        cp = self._first(cert_dirs, _CHAIN_NAMES, gens)
+        kp = self._first(cert_dirs, _KEY_NAMES, gens)
         if cp and kp:
             chain, v1 = FILES.read(cp)
             key, v2 = FILES.read(kp)
             versions += [v1, v2]
-        rp = self._first(root_dirs, _ROOT_NAMES)
+        rp = self._first(root_dirs, _ROOT_NAMES, gens)
         if rp:
             root, v3 = FILES.read(rp)
             versions.append(v3)
@@ -219,8 +255,14 @@ def configure_certs_dir(directory: str) -> None:
 def secret_provider() -> SecretProvider:
     global _provider
     if _provider is None:
+        sock = os.environ.get(SDS_SOCKET_ENV)
         d = os.environ.get(CERTS_DIR_ENV)
-        _provider = DirectorySecretProvider(d) if d else _NoSecrets()
+        if sock:  # --concurrency workers inherit --sds-socket: each has its own client
+            from isthmus.dataplane.proxy.sds import SdsSecretProvider
+
+            _provider = SdsSecretProvider(sock)
+        else:
+            _provider = DirectorySecretProvider(d) if d else _NoSecrets()
     return _provider
 
 
@@ -286,7 +328,7 @@ def resolve(tls: TlsContextConfig, provider: SecretProvider | None = None) -> Ma
 
 
 __all__ = [
-    "CERTS_DIR_ENV", "DirectorySecretProvider", "Material", "Secret", "SecretProvider",
+    "CERTS_DIR_ENV", "SDS_SOCKET_ENV", "DirectorySecretProvider", "Material", "Secret", "SecretProvider",
     "SecretUnavailable", "StaticSecretProvider", "configure_certs_dir", "resolve",
     "secret_provider", "set_secret_provider",
 ]
