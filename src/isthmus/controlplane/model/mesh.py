@@ -33,6 +33,7 @@ from isthmus.controlplane.model.types import Endpoint, Service, Workload
 from isthmus.core.names import DEFAULT_DOMAIN_SUFFIX, DEFAULT_TRUST_DOMAIN, ProxyType
 
 if TYPE_CHECKING:
+    from isthmus.controlplane.model.ambient import AmbientIndex
     from isthmus.controlplane.model.index import MeshIndex
     from isthmus.controlplane.model.proxy import ProxyNode
 
@@ -505,6 +506,7 @@ class MeshSnapshot:
     services_by_host: dict[str, tuple[Service, ...]] = field(default_factory=dict)
     workloads_by_ip: dict[str, Workload] = field(default_factory=dict)
     _index: Any = field(default=None, repr=False, compare=False)
+    _ambient: Any = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------ plumbing
 
@@ -517,6 +519,17 @@ class MeshSnapshot:
             idx = build_index(self)
             object.__setattr__(self, "_index", idx)
         return idx
+
+    @property
+    def ambient(self) -> "AmbientIndex":
+        """Ambient enrolment, waypoints and bindings (``model/ambient.py``), built on first use."""
+        amb = self._ambient
+        if amb is None:
+            from isthmus.controlplane.model.ambient import build_ambient_index
+
+            amb = build_ambient_index(self)
+            object.__setattr__(self, "_ambient", amb)
+        return amb
 
     def proxy_labels(self, proxy: "ProxyNode") -> dict[str, str]:
         """The proxy's labels from its node metadata, else from its workload."""

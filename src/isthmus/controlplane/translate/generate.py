@@ -6,6 +6,10 @@ because they decide which route configurations exist (every RDS name a listener 
 for gets a RouteConfiguration); clusters decide which load assignments exist (every EDS
 cluster gets a ClusterLoadAssignment, empty when it has no endpoints).
 
+Ztunnels get workload discovery instead (``workloads.generate_workloads``); waypoints
+get their single-pass HBONE listener and the L7 config of the services bound to them
+(``waypoint.generate_waypoint``).
+
 Neighbours: ``listeners``, ``routes`` (this package); ``clusters``, ``endpoints``
 (upstream side); ``controlplane.xds`` (serves the result).
 """
@@ -27,6 +31,7 @@ from isthmus.controlplane.translate.listeners import (
 )
 from isthmus.controlplane.translate.routes import build_routes
 from isthmus.controlplane.xds import types as xds_types  # type URLs only; no grpc
+from isthmus.core.names import ProxyType
 
 LISTENER_TYPE = xds_types.LISTENER
 ROUTE_TYPE = xds_types.ROUTE
@@ -59,6 +64,20 @@ def generate(
     """
     from isthmus.controlplane.translate.clusters import build_clusters
     from isthmus.controlplane.translate.endpoints import build_endpoints
+
+    if proxy.type is ProxyType.ZTUNNEL:
+        # Workload discovery, not Envoy config. Not scoped to the node: the control
+        # plane shares one generated snapshot among proxies of one class, and its class
+        # key does not (yet) include a ztunnel's NODE_NAME.
+        from isthmus.controlplane.translate.workloads import as_served, generate_workloads
+
+        return as_served(generate_workloads(mesh, proxy))
+    if proxy.type is ProxyType.WAYPOINT:
+        from isthmus.controlplane.translate.waypoint import generate_waypoint
+
+        out_wp = generate_waypoint(mesh, proxy)
+        check_consistent(out_wp)
+        return out_wp
 
     listeners = build_listeners(mesh, proxy, inbound_policy=inbound_policy)
     route_names = referenced_route_names(listeners)

@@ -20,6 +20,10 @@ ROUTE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
 CLUSTER = _PREFIX + "envoy.config.cluster.v3.Cluster"
 ENDPOINT = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
 SECRET = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+# Ambient workload discovery for ztunnels (proto/isthmus/workload/v1): resource names
+# "<network>/<ip>" (workload) or "<namespace>/<hostname>" (service), "<namespace>/<policy>".
+ADDRESS = _PREFIX + "istio.workload.Address"
+AUTHORIZATION = _PREFIX + "istio.security.Authorization"
 
 #: Wildcard token in SotW ``resource_names`` and delta ``resource_names_subscribe``.
 WILDCARD = "*"
@@ -65,6 +69,9 @@ register_type(ENDPOINT, "EDS", wildcard=False, order=1)
 register_type(LISTENER, "LDS", wildcard=True, order=2)
 register_type(ROUTE, "RDS", wildcard=False, order=3)
 register_type(SECRET, "SDS", wildcard=False, order=4)
+# Policies before the workloads that name them in ``authorization_policies``.
+register_type(AUTHORIZATION, "AUTHZ", wildcard=True, order=5)
+register_type(ADDRESS, "WDS", wildcard=True, order=6)
 
 
 def type_info(url: str) -> TypeInfo | None:
