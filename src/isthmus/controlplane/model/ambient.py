@@ -315,3 +315,29 @@ def build_ambient_index(mesh: "MeshSnapshot") -> AmbientIndex:
         for addr, svcs in by_addr.items()
     }
     return idx
+
+
+def ambient_debug(mesh: "MeshSnapshot") -> dict[str, object]:
+    """JSON-able view of the ambient index, for the control plane's ``/debug/ambientz``
+    (read by ``isthmus waypoint list|status|apply --enroll-namespace``)."""
+    amb = mesh.ambient
+    waypoints = []
+    for key in sorted(amb.waypoints):
+        wp = amb.waypoints[key]
+        waypoints.append({
+            "name": wp.name, "namespace": wp.namespace, "for": wp.for_.value,
+            "address": wp.address, "hostname": wp.hostname, "port": wp.port,
+            "services": sorted(f"{s.namespace}/{s.name}" for s in amb.services_bound_to(wp, mesh.services)),
+            "workloads": sorted(f"{w.namespace}/{w.name}" for w in mesh.workloads
+                                if (b := amb.workload_waypoint(w)) is not None and b.key == key),
+        })
+    nodes: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for w in mesh.workloads:
+        nodes[node_of(w)].append({"namespace": w.namespace, "name": w.name, "address": w.address,
+                                  "mode": amb.mode(w).value})
+    return {
+        "waypoints": waypoints,
+        "namespaces": {ns: dict(labels) for ns, labels in sorted(mesh.namespaces.items())},
+        "nodes": {n: sorted(v, key=lambda r: (r["namespace"], r["name"])) for n, v in sorted(nodes.items())},
+        "problems": list(amb.problems),
+    }
