@@ -133,7 +133,7 @@ class GrpcAuthorizer(external_auth_pb2_grpc.AuthorizationServicer):
     def __init__(self, allowed_principals: Iterable[str] = ()) -> None:
         self.allowed_principals = tuple(allowed_principals)
 
-    async def Check(self, request: external_auth_pb2.CheckRequest,  # noqa: N802 (gRPC method name)
+    async def Check(self, request: external_auth_pb2.CheckRequest,
                     context: grpc.aio.ServicerContext) -> external_auth_pb2.CheckResponse:
         return check_response(request, self.allowed_principals)
 

@@ -15,7 +15,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -287,7 +290,7 @@ def test_one_provider_requires_it_or_no_token() -> None:
 
 def test_several_providers_use_istios_or_of_and() -> None:
     cfg = jwt_config(authn(request_authn(inline_rule("a") + inline_rule("b"))))
-    either = lambda n: {"requires_any": {"requirements": [{"provider_name": n}, {"allow_missing": {}}]}}  # noqa: E731
+    either = lambda n: {"requires_any": {"requirements": [{"provider_name": n}, {"allow_missing": {}}]}}
     assert _req(cfg.rules[0].requires) == {"requires_any": {"requirements": [
         {"provider_name": "origins-0"}, {"provider_name": "origins-1"},
         {"requires_all": {"requirements": [either("origins-0"), either("origins-1")]}},

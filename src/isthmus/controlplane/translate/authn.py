@@ -193,7 +193,7 @@ def _set_jwks(mesh: MeshSnapshot, rule: sec.JWTRule, provider: jwt_pb2.JwtProvid
     remote = provider.remote_jwks
     remote.http_uri.uri = rule.jwks_uri
     remote.http_uri.cluster = cluster
-    remote.http_uri.timeout.FromNanoseconds(int(round(_timeout_seconds(rule) * 1e9)))
+    remote.http_uri.timeout.FromNanoseconds(round(_timeout_seconds(rule) * 1e9))
     remote.cache_duration.FromSeconds(JWKS_CACHE_DURATION_SECONDS)
 
 

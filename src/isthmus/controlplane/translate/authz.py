@@ -725,7 +725,7 @@ def lookup_cluster(mesh: MeshSnapshot, service: str, port: int) -> tuple[str, st
 
 
 def _seconds(msg: Any, seconds: float | None) -> None:
-    msg.FromNanoseconds(int(round((EXT_AUTHZ_DEFAULT_TIMEOUT_SECONDS if seconds is None else seconds) * 1e9)))
+    msg.FromNanoseconds(round((EXT_AUTHZ_DEFAULT_TIMEOUT_SECONDS if seconds is None else seconds) * 1e9))
 
 
 def _list_matcher(headers: Sequence[str]) -> string_pb2.ListStringMatcher | None:
