@@ -459,7 +459,7 @@ class ListenerManager:
                          info: Any) -> bool:
         """Network RBAC then ext_authz, once per connection (after the TLS handshake, so
         the peer certificate is known). False: the caller closes the connection."""
-        from isthmus.dataplane.http.filters.rbac import connection
+        from isthmus.dataplane.http.filters.rbac import connection, denial_text
 
         core = self.core
         tp = chain.tcp_proxy
@@ -476,8 +476,7 @@ class ListenerManager:
                 core.stats.inc(f"{sp}rbac.denied" if sp.endswith(".") or not sp
                                else f"{sp}.rbac.denied")
                 rec.termination_details = d.response_code_details
-                rbac_log.info("rbac: denied by %s for %s (tcp %s:%d -> %s:%d)",
-                              d.policy_name or "no matching ALLOW policy",
+                rbac_log.info("rbac: %s for %s (tcp %s:%d -> %s:%d)", denial_text(d, rbac),
                               rec.peer_principal or "unauthenticated peer " + remote[0],
                               remote[0], remote[1], *(dst or local))
                 self._tcp_closed(rec)

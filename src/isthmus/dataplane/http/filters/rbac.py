@@ -97,6 +97,17 @@ def principal_text(st: Any) -> str:
     return " ".join(parts) or "unauthenticated peer " + ctx.remote[0]
 
 
+def denial_text(d: Decision, engine: RbacFilter | None) -> str:
+    """``denied by <policy>`` (a DENY policy matched) or, for an ALLOW engine, which
+    ALLOW policies were tried: what an operator needs to find the deciding policy."""
+    if d.policy_name:
+        return f"denied by {d.policy_name}"
+    names = [p.name for p in engine.rules.policies] if engine is not None and \
+        engine.rules is not None else []
+    shown = ", ".join(names[:5]) + (f", +{len(names) - 5} more" if len(names) > 5 else "")
+    return f"denied (no ALLOW policy matched: {shown or 'none configured'})"
+
+
 class RbacHttpFilter:
     __slots__ = ("engine", "kind", "name")
 
@@ -108,10 +119,10 @@ class RbacHttpFilter:
     def decode(self, st: Any, route: Any) -> bool:
         req = Request(RequestHeaders(st), st.dyn or _EMPTY)
         d = self.engine.evaluate(request_connection(st), req)
-        return apply_http_decision(st, d)
+        return apply_http_decision(st, d, self.engine)
 
 
-def apply_http_decision(st: Any, d: Decision) -> bool:
+def apply_http_decision(st: Any, d: Decision, engine: RbacFilter | None = None) -> bool:
     stats = st.conn._http_stats
     if d.shadow_effects:
         md: dict[str, Any] = {}
@@ -132,8 +143,8 @@ def apply_http_decision(st: Any, d: Decision) -> bool:
         return True
     stats.inc("rbac.denied")
     details = d.response_code_details
-    log.info("rbac: denied by %s for %s %s %s", d.policy_name or "no matching ALLOW policy",
-             principal_text(st), st.method, st.path)
+    log.info("rbac: %s for %s %s %s", denial_text(d, engine), principal_text(st), st.method,
+             st.path)
     from isthmus.dataplane.http.router import local_reply
 
     st.details = details
@@ -145,5 +156,5 @@ def _hdr(st: Any, name: str) -> str:
     return first(st.hdict.get(name))
 
 
-__all__ = ["RbacHttpFilter", "apply_http_decision", "connection", "peer_of",
+__all__ = ["RbacHttpFilter", "apply_http_decision", "connection", "denial_text", "peer_of",
            "principal_text", "request_connection"]
