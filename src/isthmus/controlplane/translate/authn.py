@@ -14,8 +14,9 @@ their ``jwtRules`` are pooled and stably sorted by issuer; rule ``i`` becomes pr
   removed before the request goes on); ``forward_payload_header`` = outputPayloadToHeader;
   ``claim_to_headers`` = outputClaimToHeaders; ``payload_in_metadata`` = the issuer (the
   verified payload lands in dynamic metadata ``envoy.filters.http.jwt_authn`` under the
-  issuer, which ``istio_authn`` reads); ``normalize_payload_in_metadata`` splits the
-  space-delimited ``permission`` and ``scope`` claims into lists (Istio's default).
+  issuer, which ``istio_authn`` reads). (Istio >= 1.22 also sets
+  ``normalize_payload_in_metadata`` to split ``scope``/``permission``; our proxy does not
+  take that field, so ``scope`` stays one string: match it whole.)
 - where the token is: ``from_headers`` (``{name, value_prefix}``), ``from_params``,
   ``from_cookies`` as given; none given means Envoy's defaults (``Authorization: Bearer``
   and the ``access_token`` query parameter).
@@ -35,8 +36,11 @@ their ``jwtRules`` are pooled and stably sorted by issuer; rule ``i`` becomes pr
   allow_missing] ...]]``. So a request without a token passes (authorization decides),
   and a present but invalid token is rejected with 401. ``bypass_cors_preflight: true``.
 
-``istio_authn`` (Istio's authn filter; the contract with the proxy, whose RBAC engine
-reads its output) — typed_config is an ``xds.type.v3.TypedStruct`` with type_url
+``istio_authn`` (Istio's authn filter, emitted ``is_optional: true``): Isthmus' proxy
+skips it because its jwt_authn filter writes the ``istio_authn`` metadata itself (for the
+first verified token), exactly as below; the filter is kept so the config reads as
+Istio's and so a proxy with a separate authn filter knows the origins. typed_config is an
+``xds.type.v3.TypedStruct`` with type_url
 ``type.googleapis.com/istio.envoy.config.filter.http.authn.v2alpha1.FilterConfig`` and::
 
     value: {policy: {origins: [{jwt: {issuer: <iss>}}, ...],   # provider order, deduped
@@ -93,7 +97,6 @@ ISTIO_AUTHN_CONFIG_TYPE = "istio.envoy.config.filter.http.authn.v2alpha1.FilterC
 PROVIDER_PREFIX = "origins-"
 DEFAULT_JWKS_TIMEOUT_SECONDS = 5.0
 JWKS_CACHE_DURATION_SECONDS = 5 * 60
-SPACE_DELIMITED_CLAIMS = ("permission", "scope")
 # Keys nobody has the private key for: tokens are rejected when the real keys are unknown.
 UNRESOLVABLE_JWKS = (
     '{"keys":[{"kty":"RSA","kid":"isthmus-unresolvable-jwks","alg":"RS256","use":"sig","e":"AQAB",'
@@ -208,7 +211,6 @@ def jwt_provider(mesh: MeshSnapshot, rule: sec.JWTRule, warn: Callable[[str], No
         from_params=list(rule.from_params),
         from_cookies=list(rule.from_cookies),
     )
-    p.normalize_payload_in_metadata.space_delimited_claims.extend(SPACE_DELIMITED_CLAIMS)
     for h in rule.from_headers:
         p.from_headers.append(jwt_pb2.JwtHeader(name=h.name, value_prefix=h.prefix))
     for c in rule.output_claim_to_headers:
@@ -290,7 +292,7 @@ def build_authn(mesh: MeshSnapshot, namespace: str, labels: dict[str, str]) -> A
         log.warning("request authentication for %s %s: %s", namespace, labels, w)
     return AuthnFilters(
         (hcm_pb2.HttpFilter(name=JWT_AUTHN, typed_config=pack(cfg)),
-         hcm_pb2.HttpFilter(name=ISTIO_AUTHN, typed_config=pack(istio_authn_config(rules)))),
+         hcm_pb2.HttpFilter(name=ISTIO_AUTHN, typed_config=pack(istio_authn_config(rules)), is_optional=True)),
         uniq,
     )
 
