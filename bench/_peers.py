@@ -239,7 +239,7 @@ class Stack:
         _CURRENT.append(self)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self in _CURRENT:
             _CURRENT.remove(self)
         self.close()
@@ -485,7 +485,7 @@ def _resources(scenario: str, listen_port: int, upstream_port: int) -> dict[str,
             f"svc{i}.bench.svc", f"svc{i}.bench.svc:80", f"10.96.{i // 256}.{i % 256}",
             f"10.96.{i // 256}.{i % 256}:80"])
 
-        def add(match: rc.RouteMatch, cluster: str, vh: Any = vh) -> None:
+        def add(match: rc.RouteMatch, cluster: str, vh: Any = vh, fq: str = fq) -> None:
             r = vh.routes.add(match=match)
             r.route.cluster = cluster
             r.route.timeout.FromSeconds(15)
@@ -555,7 +555,7 @@ async def _idle_client(port: int, n: int, host: str, path: str, batch: int) -> N
             if m:
                 await asyncio.wait_for(r.readexactly(int(m.group(1))), 10)
             conns.append(w)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        except (TimeoutError, OSError, asyncio.IncompleteReadError):
             failed += 1
 
     t0 = time.monotonic()
@@ -608,7 +608,7 @@ def parse_wrk(out: str) -> LoadResult:
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
         r.non2xx = int(m.group(1))
-    for pct, val in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+(?:us|ms|s|m))\s*$", out, re.M):
+    for pct, val in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+(?:us|ms|s|m))\s*$", out, re.MULTILINE):
         r.latency_ms[pct] = _ms(val)
     return r
 
@@ -659,7 +659,7 @@ def run_wrk(url: str, *, connections: int, seconds: float, threads: int = 1, scr
     for h in headers:
         argv += ["-H", h]
     argv.append(url)
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30).stdout
+    out = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=seconds + 30).stdout
     return parse_wrk(out)
 
 
@@ -692,14 +692,14 @@ def run_h2load(url: str, *, clients: int, streams: int, seconds: float, authorit
     if authority:
         argv += ["-H", f":authority: {authority}"]
     argv.append(url)
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
+    out = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=seconds + 30)
     return parse_h2load(out.stdout + out.stderr)
 
 
 def run_iperf3(port: int, seconds: float, cpus: str = CORE_LOAD) -> dict[str, float]:
     argv = ["taskset", "-c", cpus, "iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(int(seconds)),
             "-P", "1", "-J"]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30).stdout
+    out = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=seconds + 30).stdout
     try:
         j = json.loads(out)
         return {"gbps": j["end"]["sum_received"]["bits_per_second"] / 1e9,

@@ -20,17 +20,16 @@ import json
 from typing import Any
 
 from bench._peers import (
-    busy_cell,
-    wait_quiet,
     CORE_LOAD,
     CORE_PROXY,
     REQ_PATH,
     Proc,
     Stack,
+    busy_cell,
     free_port,
-    have,
     haproxy,
     haproxy_conf,
+    have,
     isthmus_proxy,
     measure,
     run_iperf3,
@@ -39,6 +38,7 @@ from bench._peers import (
     table,
     verdict,
     wait_port,
+    wait_quiet,
     warm,
 )
 

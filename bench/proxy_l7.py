@@ -24,11 +24,10 @@ import json
 from typing import Any
 
 from bench._peers import (
-    busy_cell,
-    wait_quiet,
     CORE_PROXY,
     REQ_PATH,
     Stack,
+    busy_cell,
     free_port,
     have,
     isthmus_proxy,
@@ -42,6 +41,7 @@ from bench._peers import (
     verdict,
     vhost,
     wait_port,
+    wait_quiet,
     warm,
     wrk_script,
 )

@@ -49,10 +49,10 @@ def _header(quick: bool) -> str:
     for tool, flag in (("nginx", "-v"), ("haproxy", "-v"), ("wrk", "-v"), ("h2load", "--version"),
                        ("iperf3", "-v")):
         if have(tool):
-            r = subprocess.run([tool, flag], capture_output=True, text=True)
+            r = subprocess.run([tool, flag], check=False, capture_output=True, text=True)
             first = (r.stdout + r.stderr).strip().splitlines()
             versions.append(first[0] if first else tool)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True).stdout.strip()
     return (f"Run {datetime.date.today().isoformat()}, commit {commit}, {'quick' if quick else 'full'}; "
             f"{cpu} ×{_ncpu()}, Python {platform.python_version()}; " + "; ".join(versions))
 
@@ -107,7 +107,7 @@ def main() -> None:
     if a.with_controlplane:
         argv = [sys.executable, "-m", "bench.xds_push"] + (["--clients", "100", "--services", "200",
                                                            "--changes", "2"] if a.quick else [])
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+        r = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=1800)
         print(r.stdout[-6000:], r.stderr[-2000:], flush=True)
         parts.append(r.stdout)
         failed |= r.returncode != 0
