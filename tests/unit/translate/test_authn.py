@@ -366,6 +366,11 @@ spec:
     (lis,) = build_listeners(mesh, proxy)
     names = hcm_filter_names(lis.filter_chains[0])
     assert names[:3] == [N.JWT_AUTHN, N.ISTIO_AUTHN, A.HTTP_RBAC] and names[-1] == "envoy.filters.http.router"
+    from isthmus.dataplane.proxy.config import compile_listener
+
+    (chain,) = compile_listener(lis.name, lis).chains
+    assert chain.hcm is not None
+    assert [f.kind for f in chain.hcm.http_filters][:2] == ["jwt_authn", "rbac"]  # istio_authn skipped
 
 
 # ----------------------------------------------------------------- with the RBAC engine
