@@ -207,6 +207,12 @@ class H2Downstream(asyncio.Protocol):
         self._tracker = ctx.proxy.connections
         self._http_stats = ctx.proxy.stats.scope(f"http.{hcm.stat_prefix}.")
         self._counted = counted  # downstream_cx_total already counted (HTTP/1 handed over)
+        self._start: bytes | None = b""  # the first bytes, until the preface is checked
+        h2c = getattr(self.codec, "_h2", None)
+        self._inbound = getattr(h2c, "incoming_buffer", None)
+        if self._inbound is not None and not hasattr(self._inbound, "_data"):
+            self._inbound = None
+        self._frame_limit = int(getattr(h2c, "max_inbound_frame_size", 16384)) + 9
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -227,7 +233,29 @@ class H2Downstream(asyncio.Protocol):
             self.start_drain()
 
     def data_received(self, data: bytes) -> None:
+        if self._start is not None:
+            self._start += data
+            if len(self._start) >= _START_LEN:
+                start, self._start = self._start, None
+                if not _valid_start(start):
+                    self._reject_start()
+                    return
         self._handle(self.codec.receive_data(data))
+        inb = self._inbound
+        if inb is not None and len(inb._data) >= 9 and not self.closed and int.from_bytes(
+                inb._data[0:3], "big") + 9 > self._frame_limit:
+            # h2 checks a frame's length only once all of it has arrived: a header that
+            # declares 16 MiB would make it buffer that much. Envoy: FRAME_SIZE_ERROR.
+            self._reject_start(_GOAWAY_FRAME_SIZE_ERROR)
+
+    def _reject_start(self, goaway: bytes | None = None) -> None:
+        """The preface is not followed by a SETTINGS frame (RFC 9113 3.4): GOAWAY
+        PROTOCOL_ERROR and close, without waiting for a frame that may never end."""
+        self._http_stats.inc("downstream_cx_protocol_error")
+        t = self.transport
+        if t is not None and not self.closed:
+            t.write(goaway or _GOAWAY_PROTOCOL_ERROR)
+            t.close()
 
     def eof_received(self) -> bool:
         self._handle(self.codec.receive_eof())
@@ -463,6 +491,25 @@ class H2Downstream(asyncio.Protocol):
         self.flush()
         if not self.streams and self.transport is not None:
             self.transport.close()
+
+
+# --------------------------------------------------------------------------- preface
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_START_LEN = len(_PREFACE) + 9  # the preface and the first frame header
+_GOAWAY_PROTOCOL_ERROR = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + b"\x00" * 7 + b"\x01"
+_GOAWAY_FRAME_SIZE_ERROR = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + b"\x00" * 7 + b"\x06"
+
+
+def _valid_start(start: bytes) -> bool:
+    """The client preface then a SETTINGS frame header: type 4, no ACK, stream 0, a
+    length that is a multiple of 6 and within the default max frame size."""
+    if not start.startswith(_PREFACE):
+        return True  # not ours to judge: the engine answers a bad preface itself
+    h = start[len(_PREFACE):_START_LEN]
+    length = int.from_bytes(h[0:3], "big")
+    return (h[3] == 4 and not h[4] & 1 and int.from_bytes(h[5:9], "big") & 0x7FFFFFFF == 0
+            and length % 6 == 0 and length <= 16384)
 
 
 # --------------------------------------------------------------------------- settings
