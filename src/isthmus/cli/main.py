@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "kube-inject": "isthmus.cli.kube_inject:kube_inject",
     "ca": "isthmus.cli.ca:ca",
     "agent": "isthmus.cli.agent:agent",
+    "ztunnel": "isthmus.cli.ztunnel:ztunnel",
     "ztunnel-config": "isthmus.cli.ztunnel_config:ztunnel_config",
     "waypoint": "isthmus.cli.waypoint:waypoint",
 }
