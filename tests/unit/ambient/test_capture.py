@@ -7,8 +7,8 @@ import pytest
 
 from isthmus.capture import RecordingExecutor, apply_ruleset, cleanup_ruleset, render_plan
 from isthmus.capture.ambient import AmbientCaptureConfig, build_ambient_rules
-from isthmus.capture.rules import Family, parse_rules_text
 from isthmus.capture.render import render_restore
+from isthmus.capture.rules import Family, parse_rules_text
 
 from .helpers import GOLDEN
 
@@ -40,8 +40,8 @@ def test_outbound_is_tproxied_to_15001_on_loopback_with_the_seed_mark() -> None:
     assert out[-1] == "-p tcp -j MARK --set-xmark 0x100/0x100"
     prert = _chain("mangle", "ISTIO_ZT_PRERT")
     tproxy = [r for r in prert if "--on-port 15001" in r]
-    assert tproxy == ["-i lo -p tcp -m mark --mark 0x100/0x100 -j TPROXY --on-port 15001 "
-                      "--on-ip 127.0.0.1 --tproxy-mark 0x100/0x100"]
+    assert tproxy == [("-i lo -p tcp -m mark --mark 0x100/0x100 -j TPROXY --on-port 15001 "
+                      "--on-ip 127.0.0.1 --tproxy-mark 0x100/0x100")]
     rs = build_ambient_rules()
     assert [(r.mark, r.table) for r in rs.routes] == [(0x100, 100)]
 

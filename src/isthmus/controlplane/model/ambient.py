@@ -262,7 +262,7 @@ class AmbientIndex:
         return [s for s in services if (w := self.service_waypoint(s)) is not None and w.key == wp.key]
 
 
-def build_ambient_index(mesh: "MeshSnapshot") -> AmbientIndex:
+def build_ambient_index(mesh: MeshSnapshot) -> AmbientIndex:
     idx = AmbientIndex()
     suffix = mesh.mesh.domain_suffix
     idx.waypoints = waypoints_from(mesh.k8s_gateways, mesh.services, suffix)
@@ -317,7 +317,7 @@ def build_ambient_index(mesh: "MeshSnapshot") -> AmbientIndex:
     return idx
 
 
-def ambient_debug(mesh: "MeshSnapshot") -> dict[str, object]:
+def ambient_debug(mesh: MeshSnapshot) -> dict[str, object]:
     """JSON-able view of the ambient index, for the control plane's ``/debug/ambientz``
     (read by ``isthmus waypoint list|status|apply --enroll-namespace``)."""
     amb = mesh.ambient
