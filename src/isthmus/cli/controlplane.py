@@ -17,6 +17,8 @@ import click
 @click.option("--http-port", default=15014, show_default=True,
               help="HTTP port for the config API (isthmus apply/delete), /debug/syncz and /ready.")
 @click.option("--http-host", default="127.0.0.1", show_default=True)
+@click.option("--mesh-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Istio meshConfig YAML (extensionProviders, rootNamespace, ...); default DIR/mesh.yaml.")
 @click.option("--ca-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run the CA: Istio cacerts layout (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem); "
                    "a self-signed root is created there if it is empty.")
@@ -25,7 +27,7 @@ import click
               help="JSON file of workload tokens {token: {namespace, serviceAccount}} the CA accepts.")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def controlplane(config_dir: Path, xds_port: int, xds_host: str, http_port: int, http_host: str,
-                 ca_dir: Path | None, ca_port: int, ca_tokens: Path | None, log_level: str) -> None:
+                 mesh_config: Path | None, ca_dir: Path | None, ca_port: int, ca_tokens: Path | None, log_level: str) -> None:
     """Serve Envoy xDS v3 (SotW and delta ADS) for the config in DIR."""
     from isthmus.controlplane.app import ControlPlaneOptions, run
 
@@ -33,11 +35,11 @@ def controlplane(config_dir: Path, xds_port: int, xds_host: str, http_port: int,
     if not config_dir.is_dir():
         config_dir.mkdir(parents=True, exist_ok=True)
     options = ControlPlaneOptions(config_dir=config_dir, xds_host=xds_host, xds_port=xds_port,
-                                  http_host=http_host, http_port=http_port, ca_dir=ca_dir, ca_port=ca_port,
+                                  http_host=http_host, http_port=http_port, mesh_config=mesh_config, ca_dir=ca_dir, ca_port=ca_port,
                                   ca_tokens_file=ca_tokens)
     try:
         _run(run(options))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: MeshConfigError naming file and field
         raise click.ClickException(str(exc)) from None
 
 

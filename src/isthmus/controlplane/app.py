@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from isthmus.api.meta import ResourceKey
-from isthmus.controlplane.config.files import DirectorySource
+from isthmus.controlplane.config.files import MESH_CONFIG_FILE, DirectorySource
 from isthmus.controlplane.config.store import ConfigChange, ConfigStore
 from isthmus.controlplane.model.mesh import MeshConfig, MeshSnapshot
 from isthmus.controlplane.model.proxy import ProxyNode
@@ -41,6 +41,7 @@ class ControlPlaneOptions:
     xds_port: int = 15010
     http_host: str = "127.0.0.1"
     http_port: int = 15014  # monitoring/debug + config API
+    mesh_config: Path | None = None  # Istio meshConfig YAML; default <config_dir>/mesh.yaml if present
     ca_dir: Path | None = None  # Istio "cacerts" layout; a self-signed root is created if empty
     ca_host: str = "0.0.0.0"
     ca_port: int = 15012
@@ -53,6 +54,7 @@ class ControlPlaneOptions:
 
 class ControlPlane:
     def __init__(self, options: ControlPlaneOptions) -> None:
+        options = _with_mesh_config(options)
         self.options = options
         self.store = ConfigStore()
         self.cache = SnapshotCache()
@@ -211,6 +213,17 @@ class ControlPlane:
 
     def server_status_nodes(self) -> set[str]:
         return self.cache.status.connected_nodes()
+
+
+def _with_mesh_config(options: ControlPlaneOptions) -> ControlPlaneOptions:
+    """Load Istio's meshConfig (extension providers, root namespace, trust domain, ...)
+    from --mesh-config or ``<config dir>/mesh.yaml``; errors name the file and field."""
+    import dataclasses
+
+    mesh_file = options.mesh_config or (options.config_dir / MESH_CONFIG_FILE if options.config_dir else None)
+    if mesh_file is None or not Path(mesh_file).is_file():
+        return options
+    return dataclasses.replace(options, mesh=MeshConfig.from_file(mesh_file))
 
 
 async def run(options: ControlPlaneOptions) -> None:

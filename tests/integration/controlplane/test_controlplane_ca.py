@@ -40,3 +40,18 @@ def test_controlplane_serves_the_ca(tmp_path: Path) -> None:
     assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [
         "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
     ]
+
+
+def test_mesh_yaml_in_the_config_dir_is_mesh_config_not_a_resource(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "mesh.yaml").write_text(
+        "rootNamespace: mesh-root\n"
+        "extensionProviders:\n"
+        "- name: ext-authz-http\n"
+        "  envoyExtAuthzHttp: {service: ext-authz.foo.svc.cluster.local, port: 8000}\n"
+    )
+    cp = ControlPlane(ControlPlaneOptions(config_dir=config, xds_port=0, http_port=0))
+    assert cp.options.mesh.root_namespace == "mesh-root"
+    assert [p.name for p in cp.options.mesh.extension_providers] == ["ext-authz-http"]
+    assert cp.directory is not None and cp.directory.scan() == []  # not parsed as a resource

@@ -22,8 +22,11 @@ def source_name(path: Path) -> str:
     return f"file:{path}"
 
 
+MESH_CONFIG_FILE = "mesh.yaml"  # Istio meshConfig, read by the app, not a resource file
+
+
 def _is_config_file(path: Path) -> bool:
-    return path.suffix in YAML_SUFFIXES and not path.name.startswith(".")
+    return path.suffix in YAML_SUFFIXES and not path.name.startswith(".") and path.name != MESH_CONFIG_FILE
 
 
 class DirectorySource:
@@ -49,6 +52,8 @@ class DirectorySource:
         if not self.directory.is_dir():
             raise FileNotFoundError(f"config directory {self.directory} does not exist")
         for path in config_files([self.directory]):
+            if not _is_config_file(path):
+                continue
             seen.add(source_name(path))
             diagnostics += self.load_file(path)
         for source in self.store.sources():
