@@ -51,7 +51,7 @@ class Telemetry:
         self.local: Workload = UNKNOWN_WORKLOAD
         self.proxy_type = "sidecar"
         self.access_log: AccessLog | None = None
-        self._cache: dict[tuple[str, str, str], Edge] = {}
+        self._cache: dict[tuple[str, str, str, str], Edge] = {}
         self._state: Any = None  # dataplane.xds XdsState (EDS metadata), when attached
         self._clusters: Any = None  # proxy.runtime.ClusterManager
         self._ep_index: dict[str, dict[str, Workload]] = {}

@@ -283,7 +283,7 @@ class _GrpcAuthz(external_auth_pb2_grpc.AuthorizationServicer):
     def __init__(self) -> None:
         self.checks: list[external_auth_pb2.CheckRequest] = []
 
-    async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def Check(self, request: Any, context: Any) -> Any:
         self.checks.append(request)
         user = request.attributes.request.http.headers.get("x-user", "")
         if user == "slow":

@@ -142,7 +142,8 @@ class _Service:
             return _Verdict(False, error=True, reason=f"Check to {addr} failed: {why}")
         if resp.status.code == 0:
             ok = resp.ok_response
-            sets, appends = [], []
+            sets: list[tuple[str, str]] = []
+            appends: list[tuple[str, str]] = []
             for name, value, append in _hvo_list(ok.headers):
                 (appends if append else sets).append((name, value))
             return _Verdict(True, upstream_set=tuple(sets), upstream_append=tuple(appends),

@@ -84,7 +84,7 @@ FETCH_FAIL = "Jwks remote fetch is failed"
 KID_ALG = "Jwks doesn't have key to match kid or alg from Jwt"
 TOO_LARGE = "Jwt size exceeds the limit"
 
-_HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+_HASHES: dict[str, Any] = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
 _CURVES = {"P-256": (ec.SECP256R1, "256", 32), "P-384": (ec.SECP384R1, "384", 48),
            "P-521": (ec.SECP521R1, "512", 66)}
 _ALGS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
@@ -170,12 +170,12 @@ def parse_jwks(text: str | bytes) -> tuple[Jwk, ...]:
     items = doc.get("keys") if isinstance(doc, dict) and "keys" in doc else [doc]
     if not isinstance(items, list):
         return ()
-    out = []
+    out: list[Jwk] = []
     for d in items[:MAX_JWKS_KEYS]:
         if isinstance(d, dict):
-            k = _jwk(d)
-            if k is not None:
-                out.append(k)
+            jk = _jwk(d)
+            if jk is not None:
+                out.append(jk)
     return tuple(out)
 
 
@@ -570,7 +570,7 @@ class _Found:
 class _Verification:
     """Per request: tokens found and results per provider (each verified once)."""
 
-    __slots__ = ("core", "hdict", "ok", "path", "results", "_query", "_cookies")
+    __slots__ = ("_cookies", "_query", "core", "hdict", "ok", "path", "results")
 
     def __init__(self, core: Any, hdict: dict[str, Any], path: str) -> None:
         self.core = core
@@ -640,11 +640,12 @@ async def _verify_token(found: _Found, p: Provider, auds: frozenset[str] | None,
     cache = p.jwks.verified
     cached = cache.get(token)
     if cached is not None:
-        jwt: Jwt | str = cached
+        jwt = cached
     else:
-        jwt = parse_jwt(token)
-        if isinstance(jwt, str):
-            return jwt
+        parsed = parse_jwt(token)
+        if isinstance(parsed, str):
+            return parsed
+        jwt = parsed
     found.jwt = jwt
     pl = jwt.payload
     if p.issuer and jwt.iss != p.issuer:
@@ -888,5 +889,12 @@ class JwtAuthnFilter:
             set_metadata(st, DYN_ISTIO_AUTHN, authn)
 
 
-__all__ = ["JwksSource", "Jwk", "Jwt", "JwtAuthnFilter", "Provider", "parse_jwks",
-           "parse_jwt"]
+__all__ = [
+    "Jwk",
+    "JwksSource",
+    "Jwt",
+    "JwtAuthnFilter",
+    "Provider",
+    "parse_jwks",
+    "parse_jwt",
+]
