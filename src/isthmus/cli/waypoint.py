@@ -207,5 +207,5 @@ def status_cmd(name: str | None, namespace: str, controlplane: str) -> None:
             click.echo(f"  workload {w}")
     info = _ambientz(controlplane)
     for problem in (info or {}).get("problems", []):
-        if f"{namespace}/" in problem or f" {namespace}/" in problem:
+        if f" {namespace}/" in problem:
             click.echo(f"warning: {problem}", err=True)

@@ -83,6 +83,7 @@ def workload_rows(dump: Mapping[str, Any]) -> list[dict[str, str]]:
             "protocol": str(_get(w, "tunnel_protocol", "tunnelProtocol", default="NONE")),
             "native": "true" if w.get("native_tunnel", w.get("nativeTunnel")) else "",
             "service_account": w.get("service_account", w.get("serviceAccount", "")),
+            "trust_domain": w.get("trust_domain", w.get("trustDomain", "")) or "cluster.local",
             "policies": ",".join(w.get("authorization_policies", w.get("authorizationPolicies", []))),
         })
     for w in dump.get("workloads") or ():  # a ztunnel's own dump
@@ -94,6 +95,7 @@ def workload_rows(dump: Mapping[str, Any]) -> list[dict[str, str]]:
                 "protocol": str(_get(w, "protocol", "tunnelProtocol", default="NONE")),
                 "native": "true" if w.get("nativeTunnel") else "",
                 "service_account": w.get("serviceAccount", ""),
+                "trust_domain": w.get("trustDomain", "") or "cluster.local",
                 "policies": ",".join(w.get("authorizationPolicies", [])),
             })
     return sorted(rows, key=lambda r: (r["namespace"], r["name"], r["address"]))
@@ -166,7 +168,7 @@ def certificate_rows(dump: Mapping[str, Any], node: str) -> list[dict[str, str]]
         seen = set()
         for w in workload_rows(dump):
             if w["node"] == node and w["protocol"] == "HBONE" and not w["native"]:
-                td = "cluster.local"
+                td = w["trust_domain"]
                 ident = f"spiffe://{td}/ns/{w['namespace']}/sa/{w['service_account'] or 'default'}"
                 if ident not in seen:
                     seen.add(ident)

@@ -48,7 +48,7 @@ class Running:
 
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[Running]:
-    (tmp_path / "mesh.yaml").write_text((GOLDEN / "mesh.yaml").read_text())
+    (tmp_path / "ambient.yaml").write_text((GOLDEN / "mesh.yaml").read_text())
     r = Running(tmp_path)
     try:
         yield r
