@@ -15,7 +15,6 @@ from isthmus.dataplane.hbone import HboneServer
 from isthmus.dataplane.hbone.tls import server_context
 from isthmus.dataplane.ztunnel.certs import ImpersonatingFetcher
 from isthmus.dataplane.ztunnel.proxy import ADMIN
-
 from tests.integration.ztunnel.fixtures import (
     TD,
     closed_without_data,
@@ -75,7 +74,7 @@ async def test_hbone_through_service_vip_bytes_identities_and_telemetry() -> Non
         assert 'connection_security_policy="mutual_tls"' in text
         btext = b.telemetry.metrics.text()
         assert 'reporter="destination"' in btext
-        assert f"istio_tcp_received_bytes_total{{reporter=\"destination\"" in btext
+        assert "istio_tcp_received_bytes_total{reporter=\"destination\"" in btext
         # certificates were impersonated for the local workloads only
         assert SLEEP in a.certs.identities() and ECHO not in a.certs.identities()
         assert ECHO in b.certs.identities()

@@ -93,7 +93,7 @@ class HbonePool:
             return list(e.sessions) if e else []
         return [s for e in self._entries.values() for s in e.sessions]
 
-    def keys(self) -> list[PoolKey]:
+    def active_keys(self) -> list[PoolKey]:
         return [k for k, e in self._entries.items() if e.sessions]
 
     def close(self, graceful: bool = True) -> None:
@@ -132,10 +132,7 @@ class HbonePool:
                 entry.sessions.append(session)
                 fut.set_result(session)
                 return session
-            try:
-                session = await asyncio.shield(entry.connecting)
-            except (OSError, HboneTlsError, TunnelError):
-                raise
+            session = await asyncio.shield(entry.connecting)
             if session.usable:
                 return session
 

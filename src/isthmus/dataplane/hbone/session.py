@@ -263,7 +263,7 @@ class _Session(asyncio.Protocol):
         self.local_identity = ""
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.last_active = time.monotonic()
-        self.on_idle: Callable[[_Session], None] | None = None
+        self.on_idle: Callable[[Any], None] | None = None
 
     # -- asyncio.Protocol
     def connection_made(self, transport: Any) -> None:

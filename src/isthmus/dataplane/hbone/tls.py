@@ -123,6 +123,11 @@ def parse_sni(data: bytes) -> str | None:
     return None
 
 
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 async def peek_sni(sock: socket.socket, timeout: float) -> str | None:
     """Peek (MSG_PEEK, nothing consumed) at the ClientHello on an accepted non-blocking
     socket until its record is complete; returns its SNI. Raises ValueError/TimeoutError."""
@@ -132,7 +137,7 @@ async def peek_sni(sock: socket.socket, timeout: float) -> str | None:
         while True:
             fut: asyncio.Future[None] = loop.create_future()
             fd = sock.fileno()
-            loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+            loop.add_reader(fd, _wake, fut)
             try:
                 await fut
             finally:

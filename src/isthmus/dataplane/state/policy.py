@@ -136,8 +136,7 @@ class Connection:
 
     @classmethod
     def of(cls, src_identity: str, src_ip: str, dst_ip: str, dst_port: int) -> Connection:
-        principal = src_identity[len("spiffe://"):] if src_identity.startswith("spiffe://") \
-            else src_identity
+        principal = src_identity.removeprefix("spiffe://")
         parts = principal.split("/")
         ns = parts[2] if len(parts) == 5 and parts[1] == "ns" else ""
         return cls(principal, ns, _ip(src_ip), _ip(dst_ip), dst_port)

@@ -201,7 +201,7 @@ class MeshState:
         """A waypoint's workload (for its identity) and HBONE address."""
         if g.ip:
             return self.workloads.by_ip(g.ip), (g.ip, g.port)
-        ns, _, host = g.hostname.partition("/")
+        _ns, _, host = g.hostname.partition("/")
         svc = self.services.by_name.get(g.hostname) or self.services.by_hostname(host)
         if svc is None:
             return None, None
@@ -229,9 +229,9 @@ class MeshState:
                 # a service with no endpoints: nothing to tunnel to; plaintext to the VIP
                 return Upstream((dst_ip, dst_port), NONE, None, svc)
             pick = chooser or random.choice
-            w = pick([e[0] for e in healthy])
-            target = next(p for ww, p in healthy if ww is w)
-            return self._to_workload(w, target, svc, source)
+            chosen = pick([e[0] for e in healthy])
+            target = next(p for ww, p in healthy if ww is chosen)
+            return self._to_workload(chosen, target, svc, source)
         w = self.workloads.by_ip(dst_ip)
         if w is not None:
             return self._to_workload(w, dst_port, None, source, dst_ip)

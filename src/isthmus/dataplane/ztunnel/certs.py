@@ -107,7 +107,7 @@ class ImpersonatingFetcher:
 
 
 class _Slot:
-    __slots__ = ("cert", "client_ctx", "fetching", "server_ctx", "error")
+    __slots__ = ("cert", "client_ctx", "error", "fetching", "server_ctx")
 
     def __init__(self) -> None:
         self.cert: WorkloadCertificate | None = None

@@ -296,6 +296,7 @@ class Ztunnel:
         md.fields["SERVICE_ACCOUNT"].string_value = "ztunnel"
         md.fields["INSTANCE_IPS"].string_value = o.node_ip
         node = base_pb2.Node(id=o.node_id, cluster="ztunnel", metadata=md)
+        assert o.xds_address
         self.ads = AdsClient(o.xds_address, node, workload_handlers(self.mesh, self._on_wds),
                              mode="delta")
         self.ads.start()
@@ -588,7 +589,7 @@ class Ztunnel:
                       "address": f"{k.address[0]}:{k.address[1]}",
                       "connections": len(self.pool.sessions(k)),
                       "tunnels": sum(len(s.tunnels) for s in self.pool.sessions(k))}
-                     for k in self.pool.keys()],
+                     for k in self.pool.active_keys()],
             "stats": {"connectionsOpened": self.pool.stats.connections_opened,
                       "connectionsFailed": self.pool.stats.connections_failed,
                       "tunnelsOpened": self.pool.stats.tunnels_opened,
