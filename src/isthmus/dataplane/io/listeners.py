@@ -502,7 +502,7 @@ class ListenerManager:
         if tel is not None:
             try:
                 tel.tcp_done(rec)
-            except Exception:  # noqa: BLE001 - telemetry never breaks the data path
+            except Exception:
                 log.exception("tcp telemetry failed")
 
     async def _tcp_proxy(self, tp: TcpProxyConfig, sock: socket.socket,

@@ -149,7 +149,7 @@ class SdsSecretProvider:
         self._loop = loop
         try:
             loop.run_until_complete(self._main())
-        except Exception:  # noqa: BLE001 - the thread must not die silently
+        except Exception:
             log.exception("SDS client stopped")
         finally:
             loop.close()
