@@ -158,3 +158,31 @@ spec: {clusterIP: 10.96.1.1, ports: [{port: 80}]}
 """)
     assert problems(mesh) == [
         "service a/s: istio.io/use-waypoint=nope: no Gateway of class istio-waypoint named a/nope"]
+
+
+def test_workload_waypoint_in_wds() -> None:
+    mesh = load_mesh("""
+apiVersion: v1
+kind: Namespace
+metadata: {name: a, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wl}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wl, namespace: a, labels: {istio.io/waypoint-for: workload}}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: s, namespace: a}
+spec: {clusterIP: 10.96.1.1, selector: {app: p}, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: a, labels: {app: p}}
+spec: {containers: [{name: c, image: x}]}
+status: {podIP: 10.244.0.50, phase: Running}
+""")
+    out = generate_workloads(mesh, ztunnel())[ADDRESS_TYPE]
+    w = out["/10.244.0.50"].workload
+    assert (w.waypoint.hostname.namespace, w.waypoint.hostname.hostname) == ("a", "wl.a.svc.cluster.local")
+    assert not out["a/s.a.svc.cluster.local"].service.HasField("waypoint")  # workload-only waypoint
