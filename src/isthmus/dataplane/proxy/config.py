@@ -757,6 +757,9 @@ class ClusterConfig:
     tls: TlsContextConfig | None = None  # transport_socket (None: raw_buffer)
     use_http_header_for_original_dst: bool = False
     transport_socket_matches: tuple[TransportSocketMatch, ...] = ()
+    # upstream_bind_config: e.g. Istio's inbound clusters bind 127.0.0.6 so the sidecar's
+    # own connection to its pod IP is not captured again (passthrough without a loop)
+    source_address: str | None = None
     proto: Any = field(default=None, compare=False, repr=False)
 
     def new_circuit_breakers(self) -> CircuitBreakers:
@@ -888,6 +891,12 @@ def compile_cluster(name: str, c: cluster_pb2.Cluster) -> ClusterConfig:
         matches.append(TransportSocketMatch(tsm.name, _struct_items(tsm.match), mtls))
     use_header = c.HasField("original_dst_lb_config") and \
         c.original_dst_lb_config.use_http_header
+    if len(c.health_checks):
+        # Validate now so a checker we cannot run is NACKed; the runtime compiles it again.
+        from isthmus.dataplane.proxy.health import compile_health_checks
+
+        compile_health_checks(ctx, c)
+    source = c.upstream_bind_config.source_address.address if c.HasField("upstream_bind_config") else ""
     return ClusterConfig(
         name=name, type=ctype,
         eds_name=(c.eds_cluster_config.service_name or name) if ctype == "EDS" else "",
@@ -897,7 +906,7 @@ def compile_cluster(name: str, c: cluster_pb2.Cluster) -> ClusterConfig:
         lb=lb, thresholds=thresholds, outlier=outlier, http2=http2,
         max_requests_per_connection=max_rq, idle_timeout_s=idle, tls=tls,
         use_http_header_for_original_dst=use_header,
-        transport_socket_matches=tuple(matches), proto=c,
+        transport_socket_matches=tuple(matches), source_address=source or None, proto=c,
     )
 
 
