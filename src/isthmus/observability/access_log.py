@@ -275,6 +275,26 @@ def _strftime(spec: str) -> Piece:
 # --------------------------------------------------------------------------- sink
 
 
+class _AppendFile:
+    """A file opened ``O_APPEND`` and written with one ``write(2)`` per batch: whole lines
+    stay whole when several processes (``--concurrency`` workers) append to one file."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, text: str) -> None:
+        data = memoryview(text.encode("utf-8", "replace"))
+        while data:
+            n = os.write(self.fd, data)
+            data = data[n:]
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class AccessLog:
     """Buffered, threaded access log sink. ``path``: a file (appended), or ``-`` /
     ``/dev/stdout`` / ``/dev/stderr`` for the process's streams."""
@@ -284,6 +304,7 @@ class AccessLog:
     def __init__(self, path: str = "/dev/stdout", fmt: str = ISTIO_DEFAULT_FORMAT,
                  max_pending_batches: int = 1000, stream: TextIO | None = None) -> None:
         self.path = path
+        self.fmt = fmt
         self.formatter = compile_format(fmt)
         self.max_pending_batches = max_pending_batches
         self.dropped = 0
@@ -346,7 +367,7 @@ class AccessLog:
             return sys.stdout
         if self.path == "/dev/stderr":
             return sys.stderr
-        return open(self.path, "a", encoding="utf-8", errors="replace")
+        return _AppendFile(self.path)  # type: ignore[return-value]
 
     def _run(self) -> None:
         out: TextIO | None = None

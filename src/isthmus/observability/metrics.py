@@ -110,12 +110,34 @@ class IstioMetrics:
 
     # -- scrape -----------------------------------------------------------------------------
 
+    def snapshot(self) -> tuple[dict[str, list[Any]], dict[str, list[int]]]:
+        """Series keyed by their label text (picklable: what a ``--concurrency`` worker
+        sends its parent, which adds them up with ``merge`` and renders with ``render``)."""
+        http = {self._http_labels(k): list(s) for k, s in list(self.http.items())}
+        tcp = {self._tcp_labels(k): list(s) for k, s in list(self.tcp.items())}
+        return http, tcp
+
     def text(self) -> str:
+        return self.render(*self.snapshot())
+
+    @staticmethod
+    def merge(into: tuple[dict[str, list[Any]], dict[str, list[int]]],
+              other: tuple[dict[str, list[Any]], dict[str, list[int]]]) -> None:
+        """Add ``other``'s series to ``into`` (element-wise: counts, sums, buckets)."""
+        for mine, theirs in zip(into, other, strict=True):
+            for lt, s in theirs.items():
+                cur = mine.get(lt)
+                if cur is None:
+                    mine[lt] = list(s)
+                else:
+                    for i, v in enumerate(s):
+                        cur[i] += v
+
+    @staticmethod
+    def render(http_series: dict[str, list[Any]], tcp_series: dict[str, list[int]]) -> str:
         out: list[str] = []
-        http = sorted(((self._http_labels(k), s) for k, s in list(self.http.items())),
-                      key=lambda t: t[0])
-        tcp = sorted(((self._tcp_labels(k), s) for k, s in list(self.tcp.items())),
-                     key=lambda t: t[0])
+        http = sorted(http_series.items(), key=lambda t: t[0])
+        tcp = sorted(tcp_series.items(), key=lambda t: t[0])
         if http:
             _header(out, "istio_requests_total", "counter")
             for lt, s in http:

@@ -13,17 +13,22 @@ Neighbours: ``proxy.runtime`` (cluster scopes), ``io.listeners``, ``http.conn_ma
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+_SHARED_GAUGES = ("membership_total", "membership_healthy", "membership_degraded",
+                  "membership_excluded", "outlier_detection.ejections_active")
 
 
 class Stats:
     """A flat registry of named integers."""
 
-    __slots__ = ("_prefixes", "_values")
+    __slots__ = ("_prefixes", "_values", "remote")
 
     def __init__(self) -> None:
         self._values: defaultdict[str, int] = defaultdict(int)
         self._prefixes: set[str] = set()
+        #: ``--concurrency`` parent: returns the workers' ``snapshot()``s, added on scrape
+        self.remote: Callable[[], list[tuple[dict[str, int], list[str]]]] | None = None
 
     def inc(self, name: str, n: int = 1) -> None:
         self._values[name] += n
@@ -40,11 +45,33 @@ class Stats:
         return sc
 
     def prefixes(self) -> frozenset[str]:
-        """Every scope prefix handed out (``cluster.<name>.``, ``http.<prefix>.``, ...)."""
-        return frozenset(self._prefixes)
+        """Every scope prefix handed out (``cluster.<name>.``, ``http.<prefix>.``, ...),
+        the workers' included."""
+        if self.remote is None:
+            return frozenset(self._prefixes)
+        out = set(self._prefixes)
+        for _, prefixes in self.remote():
+            out.update(prefixes)
+        return frozenset(out)
+
+    def snapshot(self) -> tuple[dict[str, int], list[str]]:
+        """Values and prefixes, picklable (what a worker sends its parent)."""
+        return dict(self._values), list(self._prefixes)
 
     def items(self) -> Iterator[tuple[str, int]]:
-        return iter(sorted(self._values.items()))
+        """Sorted (name, value); in a ``--concurrency`` parent the sum over the workers
+        (and the parent), except gauges that describe shared config (cluster
+        membership), which every process holds alike: their maximum."""
+        if self.remote is None:
+            return iter(sorted(self._values.items()))
+        merged = dict(self._values)
+        for values, _ in self.remote():
+            for k, v in values.items():
+                if k.endswith(_SHARED_GAUGES):
+                    merged[k] = max(merged.get(k, 0), v)
+                else:
+                    merged[k] = merged.get(k, 0) + v
+        return iter(sorted(merged.items()))
 
     def text(self, name_filter: str | None = None) -> str:
         """Envoy's ``/stats`` text: ``name: value`` per line, sorted; ``name_filter`` is a
