@@ -92,7 +92,22 @@ class ControlPlane:
         self.ca = CertificateAuthority.load_or_create(options.ca_dir, trust_domain=options.mesh.trust_domain)
         authn = (KubernetesTokenReviewAuthenticator(options.ca_kube_api) if options.ca_kube_api
                  else StaticTokenAuthenticator(path=options.ca_tokens_file))
-        self.ca_server = CaServer(self.ca, authn, host=options.ca_host, port=options.ca_port)
+        from isthmus.controlplane.ca.impersonation import ImpersonationPolicy
+
+        # ztunnels ask for the certificates of the pods on their node (Istio's
+        # ImpersonatedIdentity): allowed only for identities the model places on that node.
+        self.ca_server = CaServer(self.ca, authn, host=options.ca_host, port=options.ca_port,
+                                  impersonation=ImpersonationPolicy(self._identity_on_node))
+
+    def _identity_on_node(self, node: str, identity: Any) -> bool:
+        from isthmus.controlplane.model.ambient import node_of
+
+        mesh = self.mesh_snapshot()
+        return any(
+            w.namespace == identity.namespace and w.service_account == identity.service_account
+            and node_of(w) == node
+            for w in mesh.workloads
+        )
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -158,6 +173,8 @@ class ControlPlane:
         if proxy.type is ProxyType.SIDECAR and not proxy.is_proxyless_grpc:
             workload = mesh.workload_for_proxy(proxy)
             workload_key = (workload.namespace, workload.name) if workload else None
+        if proxy.type is ProxyType.ZTUNNEL:  # node-scoped workload discovery
+            workload_key = str(proxy.metadata.get("NODE_NAME", ""))
         return (
             proxy.type,
             proxy.namespace,

@@ -3,6 +3,7 @@
 - ``POST /apis/apply`` and ``POST /apis/delete``: body is YAML text (``X-Filename`` names
   the file for messages); the reply is JSON (see ``config.api.ApiResult``).
 - ``GET /debug/syncz``, ``/debug/config_dump?proxyID=ID``: served by ``xds.debug``.
+- ``GET /debug/ambientz``: ambient enrolment, waypoints and bindings, with problems.
 - ``GET /debug/configz``: the resources currently served; ``/debug/diagnostics``: errors
   and warnings from the config sources (what a bad edit did).
 - ``GET /ready``: 200 once serving.
@@ -119,6 +120,12 @@ class ControlPlaneHttp:
             return _json(200, {"configVersion": cp.store.version, "pushes": cp.pushes,
                                "lastPushMs": round(cp.last_push_seconds * 1000, 1),
                                "proxies": len(cp.server_status_nodes())})
+        if path == "/debug/ambientz":
+            from isthmus.controlplane.model.ambient import ambient_debug
+            from isthmus.controlplane.translate.workloads import problems
+
+            mesh = cp.mesh_snapshot()
+            return _json(200, {**ambient_debug(mesh), "problems": problems(mesh)})
         if path.startswith("/debug"):
             # syncz and config_dump: the xDS layer's own debug routes
             code, data = debug.handle(cp.cache, target)

@@ -55,3 +55,26 @@ def test_mesh_yaml_in_the_config_dir_is_mesh_config_not_a_resource(tmp_path: Pat
     assert cp.options.mesh.root_namespace == "mesh-root"
     assert [p.name for p in cp.options.mesh.extension_providers] == ["ext-authz-http"]
     assert cp.directory is not None and cp.directory.scan() == []  # not parsed as a resource
+
+
+def test_debug_ambientz_reports_enrolment(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "ns.yaml").write_text(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: amb, labels: {istio.io/dataplane-mode: ambient}}\n")
+
+    async def scenario() -> dict:
+        from isthmus.cli._http import request
+
+        cp = ControlPlane(ControlPlaneOptions(config_dir=config, xds_host="127.0.0.1", xds_port=0, http_port=0))
+        await cp.start()
+        try:
+            status, body = await asyncio.to_thread(request, f"http://127.0.0.1:{cp.http.port}", "GET",
+                                                   "/debug/ambientz")
+            assert status == 200
+            return body
+        finally:
+            await cp.stop()
+
+    body = asyncio.run(scenario())
+    assert "problems" in body and "amb" in json.dumps(body)

@@ -66,12 +66,11 @@ def generate(
     from isthmus.controlplane.translate.endpoints import build_endpoints
 
     if proxy.type is ProxyType.ZTUNNEL:
-        # Workload discovery, not Envoy config. Not scoped to the node: the control
-        # plane shares one generated snapshot among proxies of one class, and its class
-        # key does not (yet) include a ztunnel's NODE_NAME.
+        # Workload discovery, not Envoy config, scoped to the ztunnel's node (the app's
+        # config-sharing key includes NODE_NAME for ztunnels).
         from isthmus.controlplane.translate.workloads import as_served, generate_workloads
 
-        return as_served(generate_workloads(mesh, proxy))
+        return as_served(generate_workloads(mesh, proxy, scope_to_node=True))
     if proxy.type is ProxyType.WAYPOINT:
         from isthmus.controlplane.translate.waypoint import generate_waypoint
 
