@@ -25,3 +25,25 @@ def test_grpc_health_check_is_rejected_at_compile_time() -> None:
                              "healthy_threshold": 1, "grpc_health_check": {}}]}
     with pytest.raises(ConfigRejected, match="health_checks"):
         compile_cluster("x", cluster(hc))
+
+
+def test_connect_binds_the_source_address() -> None:
+    import asyncio
+    import socket
+
+    from isthmus.dataplane.io.upstream import connect
+
+    async def scenario() -> str:
+        with socket.socket() as lsock:
+            lsock.bind(("127.0.0.1", 0))
+            lsock.listen(1)
+            lsock.setblocking(False)
+            sock = await connect("127.0.0.1", lsock.getsockname()[1], 2, source="127.0.0.6")
+            try:
+                conn, peer = await asyncio.get_running_loop().sock_accept(lsock)
+                conn.close()
+                return peer[0]
+            finally:
+                sock.close()
+
+    assert asyncio.run(scenario()) == "127.0.0.6"

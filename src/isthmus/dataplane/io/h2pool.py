@@ -624,7 +624,8 @@ class H2Pool:
         res = self.cluster.resources
         conn: H2Upstream | None = None
         try:
-            sock = await connect(self.address, self.port, self.connect_timeout)
+            sock = await connect(self.address, self.port, self.connect_timeout,
+                                 source=self.cluster.config.source_address)
             tls = self._tls()
             if tls is not None:
                 from isthmus.dataplane.io.upstream import originate_tls

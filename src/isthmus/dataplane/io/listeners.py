@@ -562,7 +562,8 @@ class ListenerManager:
             for attempt in range(tp.max_connect_attempts):
                 try:
                     up = await connect(host_addr[0], host_addr[1],
-                                       cluster.config.connect_timeout_s, core.mark)
+                                       cluster.config.connect_timeout_s, core.mark,
+                                       cluster.config.source_address)
                     if up_tls is not None:
                         from isthmus.dataplane.io import tls as tlsio
 

@@ -148,7 +148,8 @@ class Http1Pool:
         stats.inc("upstream_cx_http1_total")
         self.connecting += 1
         try:
-            sock = await connect(self.address, self.port, self.connect_timeout)
+            sock = await connect(self.address, self.port, self.connect_timeout,
+                                 source=self.cluster.config.source_address)
             conn = await open_http1(sock, self.key, self._lost, cluster=self.cluster)
         except UpstreamConnectError as exc:
             self.connecting -= 1

@@ -135,12 +135,17 @@ async def originate_tls(sock: socket.socket, tls: Any, key: str, factory: Any,
 
 
 async def connect(host: str, port: int, timeout: float | None,
-                  mark: int | None = None) -> socket.socket:
+                  mark: int | None = None, source: str | None = None) -> socket.socket:
+    """Connect to ``host:port``; ``source`` binds the local address first (a cluster's
+    ``upstream_bind_config``: Istio's inbound clusters use 127.0.0.6 so the sidecar's own
+    connection to its pod is not captured again)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if source and (":" in source) == (family == socket.AF_INET6):
+            sock.bind((source, 0))
         if mark is not None:
             from isthmus.dataplane.io.sockopts import set_mark
 
