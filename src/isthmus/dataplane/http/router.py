@@ -217,6 +217,34 @@ async def _pump(st: Any, rb: _RetryBuffer, conn: Http1Upstream, sid: int) -> Non
         await conn.drain()
 
 
+class _Deadline:
+    """The route timeout as one ``loop.call_at`` that cancels the request's task.
+
+    ``expired()`` (called on CancelledError) tells whether that cancellation is ours and
+    takes it back (``Task.uncancel``), as ``asyncio.timeout`` does; a cancellation from
+    elsewhere (downstream gone) still propagates."""
+
+    __slots__ = ("_cancelling", "_fired", "_task", "handle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._fired = False
+        self.handle = loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._fired = True
+        self._task.cancel()
+
+    def expired(self) -> bool:
+        if not self._fired:
+            return False
+        self._fired = False
+        return self._task.uncancel() <= self._cancelling
+
+
 def _stop(task: asyncio.Task[Any] | None) -> None:
     if task is not None and not task.done():
         task.cancel()
@@ -277,6 +305,7 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
             return
         up_headers.append((b"upgrade", upgrade))
     host_header = decision.host or authority
+    host_b = host_header.encode("latin-1")
     path_b = decision.path.encode("latin-1")
     method_b = method.encode("latin-1")
     hash_key: int | None = None
@@ -301,8 +330,13 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
     host: HostSpec | None = None
     late_flag = ""  # UO (retry overflow) / URX (retries exhausted) on a passed-through answer
     retry_held = False  # a circuit-breaker retry slot is ours (from scheduling to outcome)
+    # Route timeout: one timer per request that cancels this task (cheaper than
+    # asyncio.timeout); its CancelledError becomes the TimeoutError handled below.
+    deadline: _Deadline | None = None
+    if timeout is not None:
+        deadline = _Deadline(loop, start + timeout)
     try:
-        async with asyncio.timeout(timeout):
+        try:
             while True:
                 # -- choose a host
                 if cluster.config.type == "ORIGINAL_DST":
@@ -348,23 +382,31 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
                     cluster.record(host, LocalOrigin.CONNECT_SUCCESS)
                     try:
                         # per-try timeout: from the request being sent to response headers
-                        async with asyncio.timeout(per_try):
-                            sid = conn.send_request(method_b, path_b,
-                                                    host_header.encode("latin-1"), headers,
+                        # (none when unset or not shorter than the route timeout)
+                        if per_try is None:
+                            sid = conn.send_request(method_b, path_b, host_b, headers,
                                                     not has_body and upgrade is None)
                             if has_body and upgrade is None:
                                 pump = proxy_spawn(ctx, _pump(st, rb, conn, sid))
-                            while True:
+                            ev = await conn.next_event()
+                            while type(ev) is InformationalResponse:
                                 ev = await conn.next_event()
-                                if type(ev) is InformationalResponse:
-                                    continue
-                                break
-                            if type(ev) is ResponseHeaders:
-                                outcome = Outcome.response(ev.status, _small_map(ev.headers))
-                            elif type(ev) is StreamReset and ev.error_code == _REFUSED_STREAM:
-                                outcome = Outcome.of_reset(Reset.REFUSED_STREAM)
-                            else:
-                                outcome = Outcome.of_reset(Reset.RESET)
+                        else:
+                            async with asyncio.timeout(per_try):
+                                sid = conn.send_request(method_b, path_b, host_b, headers,
+                                                        not has_body and upgrade is None)
+                                if has_body and upgrade is None:
+                                    pump = proxy_spawn(ctx, _pump(st, rb, conn, sid))
+                                ev = await conn.next_event()
+                                while type(ev) is InformationalResponse:
+                                    ev = await conn.next_event()
+                        t = type(ev)
+                        if t is ResponseHeaders:
+                            outcome = Outcome.response(ev.status, _small_map(ev.headers))
+                        elif t is StreamReset and ev.error_code == _REFUSED_STREAM:
+                            outcome = Outcome.of_reset(Reset.REFUSED_STREAM)
+                        else:
+                            outcome = Outcome.of_reset(Reset.RESET)
                     except TimeoutError:
                         cs.inc("upstream_rq_per_try_timeout")
                         cluster.record(host, LocalOrigin.TIMEOUT)
@@ -471,6 +513,10 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
             conn = None
             if not body_done:
                 _stop(pump)
+        except asyncio.CancelledError:
+            if deadline is None or not deadline.expired():
+                raise
+            raise TimeoutError from None
     except TimeoutError:
         cs.inc("upstream_rq_timeout")
         _stop(pump)
@@ -489,6 +535,8 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
             conn = None
         st.reset()
     finally:
+        if deadline is not None:
+            deadline.handle.cancel()
         if retry_held:
             cluster.resources.release(Resource.RETRIES)
         if active is not None:
