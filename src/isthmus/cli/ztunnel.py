@@ -60,6 +60,9 @@ def _node_addresses(values: tuple[str, ...]) -> dict[str, str]:
               help="Deliver inbound connections from the original source IP.")
 @click.option("--handover-socket", type=click.Path(path_type=Path),
               help="Unix socket for restart without drops (take over / hand over listeners).")
+@click.option("--pod-control", type=click.Path(path_type=Path),
+              help="In-pod mode: unix socket on which the runtime adds/removes pods; the "
+                   "ztunnel then listens inside each pod's network namespace (not on the node).")
 @click.option("--drain-timeout", default=30.0, show_default=True, help="Seconds.")
 @click.option("--access-log", default="-", show_default=True,
               help="Access log file ('-' stdout, '' off).")
@@ -70,8 +73,8 @@ def ztunnel(xds_address: str | None, node: str, node_ip: str, ca_address: str | 
             trust_domain: str, listen_address: str, admin_port: int, inbound_port: int,
             outbound_port: int, inbound_plain_port: int, original_dst: str,
             hbone_addressing: str, node_addresses: tuple[str, ...], preserve_source: str,
-            handover_socket: Path | None, drain_timeout: float, access_log: str,
-            log_level: str) -> None:
+            handover_socket: Path | None, pod_control: Path | None, drain_timeout: float,
+            access_log: str, log_level: str) -> None:
     """Run the ambient node proxy."""
     from isthmus.dataplane.ztunnel import Ztunnel, ZtunnelOptions
 
@@ -88,7 +91,7 @@ def ztunnel(xds_address: str | None, node: str, node_ip: str, ca_address: str | 
         inbound_plain_port=inbound_plain_port, original_dst=original_dst,
         hbone_addressing=hbone_addressing, node_addresses=_node_addresses(node_addresses),
         preserve_source=preserve_source, handover_socket=handover_socket,
-        drain_timeout=drain_timeout, access_log=access_log)
+        drain_timeout=drain_timeout, access_log=access_log, pod_control=pod_control)
 
     async def main() -> None:
         z = Ztunnel(options)

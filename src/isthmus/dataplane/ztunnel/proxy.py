@@ -21,6 +21,12 @@ Listeners (all on ``listen_address``):
   authorized as unauthenticated, relayed (splice) to the pod.
 * 15000 admin (``admin``).
 
+In-pod mode (``pod_control`` set, what the local runtime uses): the node-level data
+listeners are not opened; the runtime registers each enrolled pod (``add_pod`` /
+``remove_pod`` / ``sync_pods``, over the ``inpod`` control socket) and the ztunnel opens
+15001/15006/15008 inside the pod's network namespace and makes that pod's connections
+from there, marked 0x539 (``inpod``). Original destinations are then always TPROXY's.
+
 Certificates: ``CertificateManager`` (on demand, impersonated, rotated); identities of
 local workloads are prefetched whenever WDS changes. Telemetry: ``telemetry``.
 Restart without drops: ``handover`` (sockets passed to a successor; ``drain`` stops
@@ -54,6 +60,14 @@ from isthmus.dataplane.ztunnel.addressing import NodeAddressing, PodAddressing, 
 from isthmus.dataplane.ztunnel.admin import ZtunnelAdmin
 from isthmus.dataplane.ztunnel.certs import CertificateManager, Fetch, ImpersonatingFetcher
 from isthmus.dataplane.ztunnel.handover import HandoverClient, HandoverServer
+from isthmus.dataplane.ztunnel.inpod import (
+    ZTUNNEL_MARK,
+    InPod,
+    NetnsWorker,
+    PodControlServer,
+    PodHbonePool,
+    bind_in_netns,
+)
 from isthmus.dataplane.ztunnel.telemetry import ConnectionRecord, ZtunnelTelemetry
 
 log = logging.getLogger(__name__)
@@ -87,6 +101,7 @@ class ZtunnelOptions:
     pool_idle_timeout: float = 60.0
     access_log: str = "-"  # "-" stdout, "" off, else a file path
     cert_ttl_seconds: int = 0
+    pod_control: Path | None = None  # in-pod mode: the runtime's control socket
 
     @property
     def node_id(self) -> str:
@@ -226,6 +241,9 @@ class Ztunnel:
         self.stopped = asyncio.Event()
         self._handover: HandoverServer | None = None
         self._started = False
+        self.pods: dict[str, InPod] = {}  # in-pod mode, by pod uid
+        self._podctl: PodControlServer | None = None
+        self._pod_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -260,7 +278,7 @@ class Ztunnel:
         handlers = {OUTBOUND: self._outbound, INBOUND: self.hbone.handle,
                     INBOUND_PLAIN: self._inbound_plain, ADMIN: self.admin.handle}
         for name, (port, transparent) in wanted.items():
-            if port < 0:
+            if port < 0 or (o.pod_control is not None and name != ADMIN):
                 continue
             sock = sockets.pop(name, None) or _bind(o.listen_address, port, transparent)
             self.acceptors[name] = _Acceptor(name, sock, handlers[name])
@@ -280,6 +298,10 @@ class Ztunnel:
             self._handover = HandoverServer(o.handover_socket, self._listening_sockets,
                                             self.drain_and_stop)
             self._handover.start()
+        if o.pod_control is not None:
+            self._podctl = PodControlServer(o.pod_control, self.control)
+            await self._podctl.start()
+            log.info("in-pod mode: pods are added over %s", o.pod_control)
         log.info("ztunnel for node %s: %s", o.node, ", ".join(
             f"{n} {o.listen_address}:{a.port}" for n, a in self.acceptors.items()))
 
@@ -343,9 +365,17 @@ class Ztunnel:
             a.stop_accepting()
         if self._handover is not None:
             self._handover.stop()
+        if self._podctl is not None:
+            await self._podctl.stop()
         self.hbone.drain()
         self.pool.close(graceful=True)
         tasks = {t for name, a in self.acceptors.items() if name != ADMIN for t in a.active}
+        for pod in self.pods.values():
+            for a in pod.acceptors.values():
+                a.stop_accepting()
+                tasks |= a.active
+            pod.hbone.drain()
+            pod.pool.close(graceful=True)
         log.info("draining %d connection(s) (at most %gs)", len(tasks), timeout)
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -364,6 +394,10 @@ class Ztunnel:
             a.sock.close()
         if self._handover is not None:
             self._handover.stop()
+        if self._podctl is not None:
+            await self._podctl.stop()
+        for uid in list(self.pods):
+            self._close_pod(self.pods.pop(uid), graceful=False)
         self.pool.close(graceful=False)
         for s in list(self.hbone.sessions):
             s.close(graceful=False)
@@ -374,29 +408,36 @@ class Ztunnel:
 
     # ------------------------------------------------------------------ outbound
 
-    async def _original_dst(self, sock: socket.socket, peer: tuple[str, int]
+    async def _original_dst(self, sock: socket.socket, peer: tuple[str, int],
+                            pod: InPod | None = None
                             ) -> tuple[tuple[str, int], tuple[str, int]]:
+        if pod is not None:  # in-pod listeners are always TPROXY'd
+            return peer, sockopts.local_dst(sock)
         mode = self.options.original_dst
         if mode == "proxy-protocol":
             return await read_proxy_header(sock)
         return peer, sockopts.recover_original_dst(sock, tproxy=(mode == "tproxy"))
 
-    async def _outbound(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+    async def _outbound(self, sock: socket.socket, peer: tuple[str, int],
+                        pod: InPod | None = None) -> None:
         try:
-            src, dst = await self._original_dst(sock, peer)
+            src, dst = await self._original_dst(sock, peer, pod)
         except (OSError, ValueError, TimeoutError) as exc:
             log.info("outbound connection from %s:%d: no original destination (%s)",
                      peer[0], peer[1], exc)
             sock.close()
             return
-        await self.handle_outbound(sock, src, dst)
+        await self.handle_outbound(sock, src, dst, pod)
 
     async def handle_outbound(self, sock: socket.socket, src: tuple[str, int],
-                              dst: tuple[str, int]) -> None:
-        """Carry one captured connection from local ``src`` to original ``dst``."""
+                              dst: tuple[str, int], pod: InPod | None = None) -> None:
+        """Carry one captured connection from local ``src`` to original ``dst``
+        (from inside ``pod``'s network namespace in in-pod mode)."""
         started = time.monotonic()
         source = self.mesh.workloads.by_ip(src[0])
         rec = ConnectionRecord("outbound", src, dst, src=source)
+        if pod is not None and src[0] != pod.ip:
+            source = None
         if source is None or source.node != self.options.node:
             rec.result = (f"error: unknown source {src[0]} (not a workload on node "
                           f"{self.options.node})")
@@ -408,7 +449,7 @@ class Ztunnel:
         rec.dst, rec.service, rec.dst_identity = up.workload, up.service, up.identity
         if not up.in_mesh:
             rec.direction = "passthrough" if up.workload is None else "outbound"
-            await self._plain(sock, up.address, rec, started, bind_ip=None)
+            await self._plain(sock, up.address, rec, started, bind_ip=None, pod=pod)
             return
         addr = up.tunnel_to or (self.resolver(up.workload, self.mesh) if up.workload else None)
         if addr is None:
@@ -422,8 +463,9 @@ class Ztunnel:
         rec.mtls = True
         key = PoolKey(source.spiffe_id, up.identity, addr)
         headers = [(b"forwarded", f"for={src[0]}".encode())]
+        pool = pod.pool if pod is not None else self.pool
         try:
-            tunnel = await self.pool.open_tunnel(key, up.address, headers)
+            tunnel = await pool.open_tunnel(key, up.address, headers)
         except (TunnelError, HboneTlsError, OSError, Exception) as exc:  # noqa: BLE001
             rec.result = ("denied" if isinstance(exc, TunnelError) and exc.status == 401
                           else f"error: {exc}")
@@ -441,9 +483,10 @@ class Ztunnel:
         self.telemetry.closed(rec)
 
     async def _plain(self, sock: socket.socket, address: tuple[str, int],
-                     rec: ConnectionRecord, started: float, bind_ip: str | None) -> None:
+                     rec: ConnectionRecord, started: float, bind_ip: str | None,
+                     pod: InPod | None = None) -> None:
         try:
-            up = await self._connect(address, bind_ip)
+            up = await self._connect(address, bind_ip, pod)
         except OSError as exc:
             rec.result = f"error: connect {address[0]}:{address[1]}: {exc.strerror or exc}"
             rec.duration_s = time.monotonic() - started
@@ -462,21 +505,29 @@ class Ztunnel:
             rec.duration_s = time.monotonic() - started
             self.telemetry.closed(rec)
 
-    async def _connect(self, address: tuple[str, int], bind_ip: str | None) -> socket.socket:
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        s = socket.socket(family, socket.SOCK_STREAM)
+    async def _new_socket(self, family: int, pod: InPod | None) -> socket.socket:
+        if pod is None:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        else:  # made in the pod's namespace, marked so its capture rules let it through
+            s = await pod.worker.socket(family)
+            sockopts.set_mark(s, ZTUNNEL_MARK)
         s.setblocking(False)
+        return s
+
+    async def _connect(self, address: tuple[str, int], bind_ip: str | None,
+                       pod: InPod | None = None) -> socket.socket:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        s = await self._new_socket(family, pod)
         try:
             if bind_ip and self.options.preserve_source != "off":
                 try:
-                    if self.options.preserve_source == "transparent":
+                    if self.options.preserve_source == "transparent" or pod is not None:
                         sockopts.set_transparent(s)
                     s.bind((bind_ip, 0))
                 except OSError as exc:
                     log.debug("cannot bind original source %s (%s); using our own", bind_ip, exc)
                     s.close()
-                    s = socket.socket(family, socket.SOCK_STREAM)
-                    s.setblocking(False)
+                    s = await self._new_socket(family, pod)
             async with asyncio.timeout(self.options.connect_timeout):
                 await asyncio.get_running_loop().sock_connect(s, address)
         except TimeoutError:
@@ -506,7 +557,8 @@ class Ztunnel:
             log.warning("no certificate for %s: %s", identity, exc)
             return None
 
-    async def _inbound_tunnel(self, session: ServerSession, tunnel: Tunnel) -> None:
+    async def _inbound_tunnel(self, session: ServerSession, tunnel: Tunnel,
+                              pod: InPod | None = None) -> None:
         started = time.monotonic()
         dst = tunnel.target
         src_ip = _forwarded_for(tunnel.headers) or session.peer_sockaddr[0]
@@ -515,8 +567,10 @@ class Ztunnel:
         rec.src = self.mesh.workloads.by_ip(src_ip)
         target = self.mesh.workloads.by_ip(dst[0])
         rec.dst = target
-        if target is None or target.node != self.options.node:
-            rec.result = f"error: {dst[0]} is not a workload on node {self.options.node}"
+        if target is None or target.node != self.options.node or (
+                pod is not None and dst[0] != pod.ip):
+            rec.result = (f"error: {dst[0]} is not a workload on node {self.options.node}"
+                          + (f" in pod {pod.name}" if pod is not None else ""))
             session.reject(tunnel, 400)
             self.telemetry.closed(rec, opened=False)
             return
@@ -535,7 +589,7 @@ class Ztunnel:
             self.telemetry.closed(rec, opened=False)
             return
         try:
-            up = await self._connect(dst, src_ip)
+            up = await self._connect(dst, src_ip, pod)
         except OSError as exc:
             rec.result = f"error: connect {dst[0]}:{dst[1]}: {exc.strerror or exc}"
             session.reject(tunnel, 503)
@@ -551,10 +605,11 @@ class Ztunnel:
             rec.result = f"error: {reason}"
         self.telemetry.closed(rec)
 
-    async def _inbound_plain(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+    async def _inbound_plain(self, sock: socket.socket, peer: tuple[str, int],
+                             pod: InPod | None = None) -> None:
         started = time.monotonic()
         try:
-            src, dst = await self._original_dst(sock, peer)
+            src, dst = await self._original_dst(sock, peer, pod)
         except (OSError, ValueError, TimeoutError) as exc:
             log.info("inbound plaintext from %s:%d: no original destination (%s)",
                      peer[0], peer[1], exc)
@@ -564,7 +619,8 @@ class Ztunnel:
         rec.src = self.mesh.workloads.by_ip(src[0])
         target = self.mesh.workloads.by_ip(dst[0])
         rec.dst = target
-        if target is None or target.node != self.options.node:
+        if target is None or target.node != self.options.node or (
+                pod is not None and dst[0] != pod.ip):
             rec.result = f"error: {dst[0]} is not a workload on node {self.options.node}"
             self.telemetry.closed(rec, opened=False)
             sock.close()
@@ -577,7 +633,111 @@ class Ztunnel:
             self.telemetry.closed(rec, opened=False)
             _reset(sock)
             return
-        await self._plain(sock, dst, rec, started, bind_ip=src[0])
+        await self._plain(sock, dst, rec, started, bind_ip=src[0], pod=pod)
+
+    # ------------------------------------------------------------------ in-pod mode
+
+    async def add_pod(self, netns: str | int, pod_ip: str, uid: str, name: str = "") -> InPod:
+        """Serve pod ``uid`` inside network namespace ``netns`` (a path or an fd):
+        listeners 127.0.0.1:15001, 0.0.0.0:15006 and 0.0.0.0:15008 there (transparent).
+        Idempotent for the same namespace and IP; a changed one is replaced."""
+        async with self._pod_lock:
+            return await self._add_pod(netns, pod_ip, uid, name)
+
+    async def _add_pod(self, netns: str | int, pod_ip: str, uid: str, name: str) -> InPod:
+        if not uid:
+            raise ValueError("a pod needs a uid")
+        old = self.pods.get(uid)
+        if old is not None:
+            if isinstance(netns, str) and old.same(netns, pod_ip):
+                return old
+            self._close_pod(self.pods.pop(uid), graceful=True)
+        worker = await asyncio.to_thread(NetnsWorker, netns)
+        o = self.options
+        pod = InPod(uid=uid, name=name or uid, ip=pod_ip,
+                    netns=netns if isinstance(netns, str) else f"fd:{netns}", worker=worker,
+                    pool=PodHbonePool(self.certs.client_context, worker,
+                                      connect_timeout=o.connect_timeout,
+                                      idle_timeout=o.pool_idle_timeout),
+                    hbone=HboneServer(self._select_identity, self._inbound_tunnel))
+        pod.hbone.on_tunnel = lambda session, tunnel: self._inbound_tunnel(session, tunnel, pod)
+
+        def outbound(s: socket.socket, peer: tuple[str, int]) -> Awaitable[None]:
+            return self._outbound(s, peer, pod)
+
+        def plain(s: socket.socket, peer: tuple[str, int]) -> Awaitable[None]:
+            return self._inbound_plain(s, peer, pod)
+
+        specs = ((OUTBOUND, "127.0.0.1", o.outbound_port, outbound),
+                 (INBOUND_PLAIN, "0.0.0.0", o.inbound_plain_port, plain),
+                 (INBOUND, "0.0.0.0", o.inbound_port, pod.hbone.handle))
+        try:
+            for lname, host, port, handler in specs:
+                sock = await asyncio.to_thread(bind_in_netns, worker, host, port)
+                pod.acceptors[lname] = _Acceptor(f"{lname}[{pod.name}]", sock, handler)
+        except OSError:
+            for a in pod.acceptors.values():
+                a.sock.close()
+            worker.close()
+            raise
+        for a in pod.acceptors.values():
+            a.start()
+        self.pods[uid] = pod
+        log.info("pod %s (%s, %s): listening in its network namespace", pod.name, pod_ip,
+                 pod.netns)
+        return pod
+
+    async def remove_pod(self, uid: str) -> bool:
+        """Stop serving pod ``uid``: its listeners close, open connections finish."""
+        async with self._pod_lock:
+            pod = self.pods.pop(uid, None)
+            if pod is None:
+                return False
+            self._close_pod(pod, graceful=True)
+            log.info("pod %s (%s): removed", pod.name, pod.ip)
+            return True
+
+    def _close_pod(self, pod: InPod, graceful: bool) -> None:
+        for a in pod.acceptors.values():
+            a.stop_accepting()
+            a.sock.close()
+            if not graceful:
+                for t in list(a.active):
+                    t.cancel()
+        pod.hbone.drain()
+        pod.pool.close(graceful=graceful)
+        if not graceful:
+            for s in list(pod.hbone.sessions):
+                s.close(graceful=False)
+        pod.worker.close()
+
+    async def sync_pods(self, wanted: list[dict[str, Any]]) -> None:
+        """Make the served pods exactly ``wanted`` (dicts with uid, netns, ip, name)."""
+        by_uid = {str(p["uid"]): p for p in wanted}
+        for uid in [u for u in self.pods if u not in by_uid]:
+            await self.remove_pod(uid)
+        errors = []
+        for uid, p in by_uid.items():
+            try:
+                await self.add_pod(str(p["netns"]), str(p["ip"]), uid, str(p.get("name", "")))
+            except (OSError, ValueError) as exc:
+                errors.append(f"{p.get('name') or uid}: {exc}")
+        if errors:
+            raise OSError("; ".join(errors))
+
+    async def control(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One request of the in-pod control channel (``inpod`` module doc)."""
+        op = req.get("op")
+        if op == "add":
+            await self.add_pod(str(req["netns"]), str(req["ip"]), str(req["uid"]),
+                               str(req.get("name", "")))
+        elif op == "remove":
+            await self.remove_pod(str(req["uid"]))
+        elif op == "sync":
+            await self.sync_pods(list(req.get("pods") or []))
+        elif op != "list":
+            raise ValueError(f"unknown op {op!r} (add, remove, sync, list)")
+        return {"ok": True, "pods": [p.to_json() for p in self.pods.values()]}
 
     # ------------------------------------------------------------------ admin
 
@@ -599,6 +759,8 @@ class Ztunnel:
         }
         out["node"] = {"name": self.options.node, "ip": self.options.node_ip,
                        "id": self.options.node_id}
+        if self.options.pod_control is not None:
+            out["pods"] = [p.to_json() for p in self.pods.values()]
         if self.ads is not None:
             out["xds"] = {"connected": self.ads.connected,
                           "versions": {t: self.ads.state.version_info(t)
