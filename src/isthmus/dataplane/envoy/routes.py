@@ -61,6 +61,7 @@ from isthmus.dataplane.envoy.retry import RetryPolicy
 
 DEFAULT_ROUTE_TIMEOUT_S = 15.0
 DEFAULT_MAX_DIRECT_RESPONSE_BODY = 4096
+VHOST_CACHE_SIZE = 4096  # authorities remembered per RouteTable
 
 FAULT_TYPE = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 CORS_TYPE = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy"
@@ -335,6 +336,9 @@ class Route:
     cors: CorsPolicy | None
     decorator: str = ""
     include_request_attempt_count: bool = False
+    # regex routes: literals every match must have (``regex_literals``), checked before RE2
+    regex_prefix: str = ""
+    regex_needs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -627,6 +631,7 @@ def _route(ctx: Ctx, r: Any, path: str, vh: Any, vh_name: str, vh_req: HeaderMut
     spec = m.WhichOneof("path_specifier")
     regex = None
     value = ""
+    lits: tuple[str, tuple[str, ...]] = ("", ())
     if spec == "prefix":
         kind, value = _PREFIX, m.prefix
     elif spec == "path":
@@ -634,6 +639,7 @@ def _route(ctx: Ctx, r: Any, path: str, vh: Any, vh_name: str, vh_req: HeaderMut
     elif spec == "safe_regex":
         kind = _REGEX
         regex = compile_regex(ctx, m.safe_regex, join(mpath, "safe_regex"))
+        lits = regex_literals(m.safe_regex.regex)
     elif spec == "path_separated_prefix":
         kind, value = _SEP_PREFIX, m.path_separated_prefix
         if value.endswith("/") or "?" in value or "#" in value:
@@ -688,7 +694,117 @@ def _route(ctx: Ctx, r: Any, path: str, vh: Any, vh_name: str, vh_req: HeaderMut
         request_headers=levels_req, response_headers=levels_resp, per_filter=per_filter,
         cors=cors, decorator=r.decorator.operation if r.HasField("decorator") else "",
         include_request_attempt_count=vh.include_request_attempt_count,
+        regex_prefix=lits[0], regex_needs=lits[1],
     )
+
+
+_REGEX_PUNCT = frozenset("!\"#%&',-/:;<=>@_`~\\.^$|?*+()[]{}")
+_QUANT = "?*+{"
+
+
+def regex_literals(pattern: str) -> tuple[str, tuple[str, ...]]:
+    """Literals any full match of RE2 ``pattern`` must contain: (the prefix it must
+    start with, substrings it must contain elsewhere). A cheap pre-check before
+    ``fullmatch`` (``^/api/v[0-9]+/admin/.*``: ``"/api/v"``, ``("/admin/",)``).
+
+    Conservative: only top-level (depth 0) ASCII literal runs not followed by a
+    quantifier; nothing at all for alternations; scanning stops at inline flags
+    (``(?i)``) and escapes other than escaped punctuation."""
+    if "|" in pattern:
+        return "", ()
+    runs: list[str] = []
+    cur: list[str] = []
+    prefix = ""
+    at_start = True  # the current run starts the match
+    depth = 0
+    n = len(pattern)
+    i = 1 if pattern.startswith("^") else 0
+
+    def end() -> None:
+        nonlocal prefix, at_start
+        if cur:
+            if at_start:
+                prefix = "".join(cur)
+            else:
+                runs.append("".join(cur))
+            cur.clear()
+        at_start = False
+
+    while i < n:
+        c = pattern[i]
+        lit = ""
+        step = 1
+        if c == "\\":
+            nxt = pattern[i + 1] if i + 1 < n else ""
+            if nxt and nxt in _REGEX_PUNCT:
+                lit, step = nxt, 2
+            else:
+                break  # \d, \b, \x41, \Q..\E, ...: stop here
+        elif c == "[":
+            end()
+            j = i + 1
+            if j < n and pattern[j] == "^":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                if pattern[j] == "\\":
+                    j += 2
+                elif pattern.startswith("[:", j):
+                    k = pattern.find(":]", j + 2)
+                    if k < 0:
+                        j = n
+                        break
+                    j = k + 2
+                else:
+                    j += 1
+            if j >= n:
+                break
+            i = j + 1
+            continue
+        elif c == "(":
+            end()
+            if pattern.startswith("(?", i) and not pattern.startswith(("(?:", "(?P<"), i):
+                break  # flags: literals after it may be case-insensitive
+            depth += 1
+        elif c == ")":
+            end()
+            depth -= 1
+        elif c == "{":
+            end()
+            k = pattern.find("}", i)
+            if k < 0:
+                break
+            i = k + 1
+            continue
+        elif c in ".^$?*+":
+            end()
+        elif " " <= c <= "~" and c != "]" and c != "}":
+            lit = c
+        else:
+            break
+        if lit:
+            if depth or (i + step < n and pattern[i + step] in _QUANT):
+                end()  # inside a group (maybe optional) or quantified: not required
+            else:
+                cur.append(lit)
+        i += step
+    if i >= n:
+        end()
+    elif cur and at_start:
+        prefix = "".join(cur)
+    elif cur:
+        runs.append("".join(cur))
+    return prefix, tuple(r for r in runs if r)
+
+
+def _regex_ok(r: Route, bare: str) -> bool:
+    if r.regex_prefix and not bare.startswith(r.regex_prefix):
+        return False
+    for lit in r.regex_needs:
+        if lit not in bare:
+            return False
+    return r.regex.fullmatch(bare) is not None
 
 
 # --------------------------------------------------------------------------- table
@@ -713,6 +829,7 @@ class RouteTable:
         "_exact",
         "_prefix",
         "_suffix",
+        "_vh_cache",
         "ignore_port",
         "internal_only_headers",
         "name",
@@ -733,6 +850,9 @@ class RouteTable:
         self._default = default
         self.ignore_port = ignore_port
         self.internal_only_headers = internal_only_headers
+        # authority -> virtual host, per strip_port (the table is immutable; bounded)
+        self._vh_cache: tuple[dict[str, VirtualHost | None], dict[str, VirtualHost | None]] = \
+            ({}, {})
 
     @classmethod
     def from_proto(cls, rc: route_pb2.RouteConfiguration) -> RouteTable:
@@ -815,6 +935,18 @@ class RouteTable:
     # ------------------------------------------------------------------ matching
 
     def find_virtual_host(self, authority: str, strip_port: bool = False) -> VirtualHost | None:
+        cache = self._vh_cache[1 if strip_port else 0]
+        try:
+            return cache[authority]
+        except KeyError:
+            pass
+        v = self._find_virtual_host(authority, strip_port)
+        if len(cache) >= VHOST_CACHE_SIZE:
+            cache.clear()  # many distinct authorities (a scan): start over, stay bounded
+        cache[authority] = v
+        return v
+
+    def _find_virtual_host(self, authority: str, strip_port: bool) -> VirtualHost | None:
         if not self._exact and not self._suffix and not self._prefix:
             return self._default
         host = authority
@@ -868,7 +1000,7 @@ class RouteTable:
         for r in vh.routes:
             kind = r.kind
             if kind == _REGEX:
-                if r.regex.fullmatch(bare) is None:
+                if not _regex_ok(r, bare):
                     continue
             else:
                 if r.case_sensitive:
