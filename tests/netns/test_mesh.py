@@ -14,6 +14,7 @@ runs ``isthmus down`` and removes any namespace left with the cluster's prefix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Self
 
 import pytest
+from cryptography import x509
 
 from isthmus.demo import mesh as m
 
@@ -37,6 +39,9 @@ PY = sys.executable
 HERE = Path(__file__).resolve().parent
 SAMPLES = Path(os.environ.get("ISTIO_SAMPLES", "/work/shared/istio-samples")) / "bookinfo"
 NETWORKING = SAMPLES / "networking"
+
+CERT_TTL_ANNOTATION = "isthmus.io/cert-ttl"
+ROTOR_TTL = 20
 
 needs_samples = pytest.mark.skipif(not NETWORKING.is_dir(),
                                    reason=f"Istio's samples not found at {SAMPLES}")
@@ -68,7 +73,8 @@ print(json.dumps({"codes": [r[0] for r in res], "bodies": [r[1] for r in res],
 def _apps_manifest() -> str:
     apps = HERE / "mesh_apps.py"
 
-    def deploy(name: str, app: str, mode: str, version: str = "v1") -> str:
+    def deploy(name: str, app: str, mode: str, version: str = "v1",
+               annotations: str = "{}") -> str:
         return textwrap.dedent(f"""
         apiVersion: apps/v1
         kind: Deployment
@@ -76,7 +82,7 @@ def _apps_manifest() -> str:
         spec:
           selector: {{matchLabels: {{app: {app}, version: {version}}}}}
           template:
-            metadata: {{labels: {{app: {app}, version: {version}}}}}
+            metadata: {{labels: {{app: {app}, version: {version}}}, annotations: {annotations}}}
             spec:
               containers:
               - name: {app}
@@ -112,7 +118,31 @@ def _apps_manifest() -> str:
             image: python:3.11
             command: ["{PY}", "-c", "import time; time.sleep(10**9)"]
     """)
+    # A pod without a sidecar in its own namespace (Istio's "legacy" sleep): plaintext.
+    legacy = textwrap.dedent(f"""
+    apiVersion: v1
+    kind: Namespace
+    metadata: {{name: legacy}}
+    ---
+    apiVersion: apps/v1
+    kind: Deployment
+    metadata: {{name: legacy, namespace: legacy}}
+    spec:
+      selector: {{matchLabels: {{app: legacy}}}}
+      template:
+        metadata: {{labels: {{app: legacy}}}}
+        spec:
+          containers:
+          - name: legacy
+            image: python:3.11
+            command: ["{PY}", "-c", "import time; time.sleep(10**9)"]
+    ---
+    """)
     return "".join([
+        legacy,
+        # certificates that live 20 s: its agent renews every ~10 s (rotation under load)
+        service("rotor"), deploy("rotor", "rotor", "good",
+                                 annotations=f"{{{CERT_TTL_ANNOTATION}: {ROTOR_TTL}s}}"),
         service("flaky"), deploy("flaky", "flaky", "flaky"),
         service("outlier"), deploy("outlier-good", "outlier", "good", "good"),
         deploy("outlier-bad", "outlier", "bad", "bad"),
@@ -224,8 +254,13 @@ def test_every_pod_has_capture_and_a_uid_1337_sidecar(mesh: m.Mesh) -> None:
         proxy = next(c for c in p["containers"] if c["name"] == "istio-proxy")
         uids = Path(f"/proc/{proxy['pid']}/status").read_text().split("Uid:")[1].split()[:2]
         assert uids == ["1337", "1337"], (p["name"], uids)
-        app = next(c for c in p["containers"] if c["name"] != "istio-proxy")
+        agent = next(c for c in p["containers"] if c["name"] == "istio-agent")
+        uids = Path(f"/proc/{agent['pid']}/status").read_text().split("Uid:")[1].split()[:2]
+        assert uids == ["1337", "1337"], (p["name"], uids)
+        app = p["containers"][0]
+        assert app["name"] not in ("istio-proxy", "istio-agent")
         assert app["started_at"] >= proxy["started_at"]  # the app waited for the proxy
+        assert proxy["started_at"] >= agent["started_at"]  # which waited for its certificate
     rules = mesh.exec("productpage", "iptables-save", "-t", "nat")
     assert "-j REDIRECT --to-ports 15001" in rules and "--to-ports 15006" in rules
     assert "--uid-owner 1337 -j RETURN" in rules
@@ -507,3 +542,176 @@ def test_sidecar_resource_scopes_the_clients_config(mesh: m.Mesh, tmp_path: Path
     finally:
         mesh.delete(sc)
     assert m.wait_for(lambda: reviews in mesh.admin("client", "/clusters"), 15, 0.3)
+
+
+# ------------------------------------------------------------------ identity, mTLS, authz
+
+
+def leaf_of(certs_dir: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificates(
+        (Path(certs_dir) / "default" / "cert-chain.pem").read_bytes())[0]
+
+
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return ext.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def curl_stats(mesh: m.Mesh, pod: str) -> str:
+    return mesh.exec(pod, "curl", "-s", "localhost:15000/stats")
+
+
+def test_every_proxy_certificate_comes_from_the_control_planes_ca(mesh: m.Mesh) -> None:
+    st = status_json(mesh)
+    ca = st["controlplane"]["ca"]
+    assert ca["address"].endswith(":15012")
+    root = x509.load_pem_x509_certificate(Path(ca["rootCert"]).read_bytes())
+    proxies = [p for p in st["pods"] if p.get("identity")]
+    # every sidecar pod and the ingress gateway; the legacy pod has none
+    assert {p["namespace"] for p in proxies} == {"default", "istio-system"}
+    assert not any(p.get("identity") for p in st["pods"] if p["namespace"] == "legacy")
+    bookinfo_sa = {"productpage": "bookinfo-productpage", "reviews": "bookinfo-reviews",
+                   "ratings": "bookinfo-ratings", "details": "bookinfo-details"}
+    for p in proxies:
+        leaf = leaf_of(p["identity"]["certsDir"])
+        leaf.verify_directly_issued_by(root)  # raises if another key signed it
+        sa = (bookinfo_sa.get(p["labels"].get("app", "")) if p["namespace"] == "default"
+              else "istio-ingressgateway-service-account")
+        if p["namespace"] == "default" and sa is None:
+            sa = "default"  # the test apps' pods run as the default service account
+        want = f"spiffe://cluster.local/ns/{p['namespace']}/sa/{sa}"
+        assert uri_sans(leaf) == [want] == [p["identity"]["spiffe"]], p["name"]
+        assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    # the agent logged where its certificate came from
+    agent_log = mesh.cli("logs", "productpage", "-c", "istio-agent")
+    assert "spiffe://cluster.local/ns/default/sa/bookinfo-productpage" in agent_log
+
+
+def test_sidecar_to_sidecar_traffic_is_mutual_tls(mesh: m.Mesh) -> None:
+    client = "cluster.outbound|9080||reviews.default.svc.cluster.local.ssl.handshake"
+    before = stat(curl_stats(mesh, "productpage"), client)
+    before_in = {v: stat(curl_stats(mesh, f"reviews-{v}"), "listener.0.0.0.0_15006.ssl.handshake")
+                 for v in ("v1", "v2", "v3")}
+    # enough requests through productpage to reach all three versions
+    versions = m.reviews_split(mesh.ingress, 30)
+    assert set(versions) <= {"v1", "v2", "v3"} and len(versions) == 3, versions
+    after = stat(curl_stats(mesh, "productpage"), client)
+    after_in = {v: stat(curl_stats(mesh, f"reviews-{v}"), "listener.0.0.0.0_15006.ssl.handshake")
+                for v in ("v1", "v2", "v3")}
+    # (connections are pooled: the counters are cumulative, one per connection)
+    assert after >= 3 and after >= before, (before, after)
+    assert all(after_in[v] >= 1 for v in after_in), after_in
+    assert sum(after_in.values()) >= sum(before_in.values())
+
+
+STRICT = """
+    apiVersion: security.istio.io/v1
+    kind: PeerAuthentication
+    metadata: {name: default, namespace: default}
+    spec: {mtls: {mode: STRICT}}
+    """
+
+
+def test_strict_peer_authentication_refuses_plaintext_only(
+        mesh: m.Mesh, tmp_path: Path) -> None:
+    url = "http://details.default:9080/details/0"
+    assert in_pod(mesh, "legacy/legacy", url, 3)["codes"] == [200] * 3  # PERMISSIVE
+    pa = apply_text(mesh, tmp_path, STRICT, "strict.yaml")
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            plain = in_pod(mesh, "legacy/legacy", url, 5)
+            if 200 not in plain["codes"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert 200 not in plain["codes"], plain  # the STRICT inbound wants a client cert
+        assert set(plain["codes"]) == {0}, plain  # refused in the handshake, no HTTP answer
+        meshed = in_pod(mesh, "client", "http://details:9080/details/0", 10)
+        assert meshed["codes"] == [200] * 10, meshed
+        assert m.statuses(mesh.ingress + "/productpage", 5) == {200: 5}  # gateway: mTLS too
+    finally:
+        mesh.delete(pa)
+    assert m.wait_for(lambda: in_pod(mesh, "legacy/legacy", url, 3)["codes"] == [200] * 3,
+                      20, 0.3)
+
+
+ALLOW_PRODUCTPAGE = """
+    apiVersion: security.istio.io/v1
+    kind: AuthorizationPolicy
+    metadata: {name: reviews-from-productpage, namespace: default}
+    spec:
+      selector: {matchLabels: {app: reviews}}
+      action: ALLOW
+      rules:
+      - from:
+        - source: {principals: ["cluster.local/ns/default/sa/bookinfo-productpage"]}
+    """
+
+
+def test_authorization_policy_allows_only_productpage_on_reviews(
+        mesh: m.Mesh, tmp_path: Path) -> None:
+    url = "http://reviews:9080/reviews/0"
+    assert in_pod(mesh, "client", url, 3)["codes"] == [200] * 3
+    ap = apply_text(mesh, tmp_path, ALLOW_PRODUCTPAGE, "authz.yaml")
+    try:
+        res = wait_codes(mesh, "client", url, {403}, n=6, timeout=20)
+        assert res["codes"] == [403] * 6, res
+        assert all("RBAC: access denied" in b for b in res["bodies"]), res["bodies"]
+        split = m.reviews_split(mesh.ingress, 12)  # productpage -> reviews is allowed
+        assert set(split) <= {"v1", "v2", "v3"}, split
+        logs = "".join(mesh.cli("logs", f"reviews-{v}", "-c", "istio-proxy")
+                       for v in ("v1", "v2", "v3"))
+        denied = [ln for ln in logs.splitlines() if "rbac" in ln.lower()
+                  and "reviews-from-productpage" in ln]
+        assert denied, logs[-2000:]
+        assert any("spiffe://cluster.local/ns/default/sa/default" in ln for ln in denied), denied
+    finally:
+        mesh.delete(ap)
+    assert wait_codes(mesh, "client", url, {200}, n=5, timeout=20)["codes"] == [200] * 5
+
+
+def test_certificate_rotation_under_sustained_traffic(mesh: m.Mesh, tmp_path: Path) -> None:
+    st = status_json(mesh)
+    rotor = next(p for p in st["pods"] if p["labels"].get("app") == "rotor")
+    assert rotor["identity"]["certTTL"] == ROTOR_TTL
+    certs = rotor["identity"]["certsDir"]
+    first = leaf_of(certs)
+    lifetime = first.not_valid_after_utc - first.not_valid_before_utc
+    assert lifetime.total_seconds() <= ROTOR_TTL + 61  # the CA back-dates by 60 s
+    # every request on a new mTLS connection, so handshakes span the rotation
+    dr = apply_text(mesh, tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: rotor}
+        spec:
+          host: rotor
+          trafficPolicy:
+            tls: {mode: ISTIO_MUTUAL}
+            connectionPool: {http: {maxRequestsPerConnection: 1}}
+        """, "rotor.yaml")
+    try:
+        assert wait_codes(mesh, "client", "http://rotor/", {200}, n=5)["codes"] == [200] * 5
+        handshakes = stat(curl_stats(mesh, "rotor"), "listener.0.0.0.0_15006.ssl.handshake")
+        serials = {first.serial_number}
+        results: list[dict[str, list]] = []  # type: ignore[type-arg]
+
+        def load() -> None:  # ~300 requests over ~15 s
+            for _ in range(15):
+                t = time.monotonic()
+                results.append(in_pod(mesh, "client", "http://rotor/", 20, 2))
+                time.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        while worker.is_alive():
+            with contextlib.suppress(OSError, ValueError):
+                serials.add(leaf_of(certs).serial_number)
+            worker.join(0.5)
+        codes = Counter(c for r in results for c in r["codes"])
+        assert codes == {200: 300}, codes
+        assert len(serials) >= 2, "no certificate rotation during the traffic"
+        after = stat(curl_stats(mesh, "rotor"), "listener.0.0.0.0_15006.ssl.handshake")
+        assert after - handshakes >= 300
+        assert uri_sans(leaf_of(certs)) == ["spiffe://cluster.local/ns/default/sa/default"]
+    finally:
+        mesh.delete(dr)

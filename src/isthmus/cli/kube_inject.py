@@ -10,8 +10,9 @@ annotation) or is already injected (``sidecar.istio.io/status``):
   NET_RAW, as root;
 - container ``istio-proxy`` first in the list: ``isthmus proxy sidecar --xds-address
   <istiod> ...`` as UID/GID 1337, pod identity from the downward API, a postStart hook
-  that waits for the proxy's ``/ready`` (Istio's holdApplicationUntilProxyStarts: the
-  app containers start after the proxy has its config) and a readiness probe on it;
+  that waits for the proxy's ``:15021/healthz/ready`` (Istio's
+  holdApplicationUntilProxyStarts: the app containers start after the proxy has its
+  config) and Istio's readiness probe (httpGet ``/healthz/ready`` on 15021);
 - annotation ``sidecar.istio.io/status`` and label ``security.istio.io/tlsMode: istio``,
   ``service.istio.io/canonical-name`` / ``-revision`` like Istio's injector.
 
@@ -47,16 +48,18 @@ _TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
     "ReplicationController": ("spec", "template"),
 }
 
+HEALTH_PORT = 15021  # the proxy's /healthz/ready (Istio's status port)
+READY_PATH = "/healthz/ready"
+
 _WAIT_READY = ("import sys,time,urllib.request\n"
                "for _ in range(600):\n"
                "    try:\n"
-               f"        urllib.request.urlopen('http://127.0.0.1:{ADMIN_PORT}/ready',timeout=1)\n"
+               f"        urllib.request.urlopen('http://127.0.0.1:{HEALTH_PORT}{READY_PATH}',"
+               "timeout=1)\n"
                "        sys.exit(0)\n"
                "    except Exception:\n"
                "        time.sleep(0.1)\n"
                "sys.exit(1)\n")
-_READY_ONCE = ("import urllib.request;"
-               f"urllib.request.urlopen('http://127.0.0.1:{ADMIN_PORT}/ready',timeout=1)")
 
 
 def _field_env(name: str, path: str) -> dict[str, Any]:
@@ -98,8 +101,10 @@ def proxy_container(image: str, xds_address: str, labels: dict[str, str]) -> dic
                 {"name": "ISTIO_META_CLUSTER_ID", "value": "Kubernetes"}],
         "ports": [{"name": "http-envoy-prom", "containerPort": 15090, "protocol": "TCP"}],
         "lifecycle": {"postStart": {"exec": {"command": ["python3", "-c", _WAIT_READY]}}},
-        "readinessProbe": {"exec": {"command": ["python3", "-c", _READY_ONCE]},
-                           "periodSeconds": 2, "timeoutSeconds": 3, "failureThreshold": 30},
+        # Istio's injected probe, verbatim (the kubelet calls the pod IP's 15021).
+        "readinessProbe": {"httpGet": {"path": READY_PATH, "port": HEALTH_PORT},
+                           "initialDelaySeconds": 1, "periodSeconds": 2,
+                           "timeoutSeconds": 3, "failureThreshold": 30},
         "securityContext": {
             "allowPrivilegeEscalation": False, "privileged": False,
             "readOnlyRootFilesystem": True, "runAsNonRoot": True,

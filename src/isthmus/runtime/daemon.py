@@ -8,8 +8,11 @@
 3. builds the node and pod namespaces (``network``), writes the control plane's config
    (``config/``: the mesh resources, Services with their ClusterIPs, one Pod per planned
    pod with its IP and readiness, rewritten as readiness changes) and starts the control
-   plane inside the node namespace (``isthmus controlplane``, xDS on <gateway>:15010);
-4. starts every container (``supervisor``) and the host-loopback forwarders
+   plane inside the node namespace (``isthmus controlplane``, xDS on <gateway>:15010,
+   its CA on <gateway>:15012 with a token per proxy pod: ``identity``);
+4. starts every container (``supervisor``) in order (an agent, then the proxy once the
+   agent has the pod's certificate, then the app once the proxy is ready), and the
+   host-loopback forwarders
    (``--ingress-port`` -> ingress gateway; control plane HTTP API -> 127.0.0.1:15014 so
    ``isthmus apply -f`` finds it);
 5. reports ``ready`` once every pod is ready or has settled in failure (an image it
@@ -42,10 +45,15 @@ import yaml
 
 from isthmus.api.parse import load_paths, load_text
 from isthmus.core.errors import IsthmusError, Severity
-from isthmus.runtime import certs, gateways, network
+from isthmus.runtime import gateways, identity, network
 from isthmus.runtime.forward import Forwarder
 from isthmus.runtime.images import PROJECT_ROOT
-from isthmus.runtime.inject import PROXY_ADMIN_PORT, IstioSidecarInjector, proxy_available
+from isthmus.runtime.inject import (
+    PROXY_ADMIN_PORT,
+    IstioSidecarInjector,
+    proxy_available,
+    proxy_capabilities,
+)
 from isthmus.runtime.netnsutil import socket_in_netns
 from isthmus.runtime.plan import (
     ClusterPlan,
@@ -105,6 +113,7 @@ class Daemon:
         self._dirty = asyncio.Event()  # for _state_writer
         self._pods_written: str = ""
         self.sidecars = False
+        self.identity: identity.MeshIdentity | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ reporting
@@ -205,10 +214,20 @@ class Daemon:
             self._diag(f"warning: {len(asked)} pods ask for a sidecar but sidecars are off "
                        f"({why}); they run without one", False)
         self.sidecars = want_sidecars
-        if self.opts.controlplane and certs.proxy_pods(plan):
-            # Workload certificates (what istiod's CA + pilot-agent provide) for auto-mTLS.
-            dirs = await asyncio.to_thread(certs.issue, plan, self.state.path / "certs")
-            plan = certs.with_certs(plan, dirs)
+        if self.opts.controlplane:
+            # Workload certificates from the control plane's CA, fetched and renewed by
+            # an agent in each proxy pod (istiod's CA + pilot-agent), for auto-mTLS.
+            mesh_id, warnings = identity.layout(plan, self.state.path)
+            for w in warnings:
+                self._diag(w, False)
+            await asyncio.to_thread(identity.prepare, mesh_id)
+            plan = identity.with_agents(plan, mesh_id, f"{plan.gateway_ip}:{identity.CA_PORT}",
+                                        proxy_capabilities())
+            self.identity = mesh_id
+            if mesh_id.pods:
+                self.report("progress", message=f"CA {mesh_id.ca_dir} on {plan.gateway_ip}:"
+                                                f"{identity.CA_PORT}: {len(mesh_id.pods)} "
+                                                "agents")
         self.plan = plan
         if not plan.pods:
             self._diag("warning: the manifests define no pods (Deployments or Pods)", False)
@@ -240,18 +259,15 @@ class Daemon:
                                        grace=min(5.0, 30.0))
                        for c in pod.containers]
             self.runners[pod.key] = runners
-            sidecars = [r for r in runners if r.container.sidecar]
-            for r in sidecars:
-                r.start()
-            apps = [r for r in runners if not r.container.sidecar]
-            if sidecars:
-                # Istio's holdApplicationUntilProxyStarts: the app starts once the proxy
-                # has its config, so its first outbound calls are already captured+routed.
-                self._tasks.append(asyncio.get_running_loop().create_task(
-                    self._start_after(sidecars, apps), name=f"hold {pod.key}"))
-            else:
-                for r in apps:
+            for r, deps in start_order(runners):
+                if not deps:
                     r.start()
+                    continue
+                # Istio's holdApplicationUntilProxyStarts: the app starts once the proxy
+                # has its config, so its first outbound calls are already captured+routed;
+                # the proxy starts once the agent has written its certificate.
+                self._tasks.append(asyncio.get_running_loop().create_task(
+                    self._start_after(deps, [r]), name=f"hold {pod.key} {r.container.name}"))
         await self._start_forwards(plan)
         self.phase = "Running"
         self._write_state()
@@ -261,10 +277,14 @@ class Daemon:
         self.report("diagnostic", message=message, error=error)
 
     def _cp_container(self, plan: ClusterPlan) -> ContainerPlan:
-        argv = (sys.executable, "-m", "isthmus", "controlplane",
-                "--config", str(self.state.config),
-                "--xds-host", "0.0.0.0", "--xds-port", str(XDS_PORT),
-                "--http-host", "0.0.0.0", "--http-port", str(CP_HTTP_PORT))
+        argv: tuple[str, ...] = (sys.executable, "-m", "isthmus", "controlplane",
+                                 "--config", str(self.state.config),
+                                 "--xds-host", "0.0.0.0", "--xds-port", str(XDS_PORT),
+                                 "--http-host", "0.0.0.0", "--http-port", str(CP_HTTP_PORT))
+        if self.identity is not None:  # the CA on <node>:15012 (every pod reaches it)
+            argv += ("--ca-dir", str(self.identity.ca_dir),
+                     "--ca-port", str(identity.CA_PORT),
+                     "--ca-tokens", str(self.identity.tokens_file))
         return ContainerPlan("controlplane", "isthmus/controlplane", argv,
                              readiness=ReadinessCheck("http", port=CP_HTTP_PORT, path="/ready",
                                                       period=2.0))
@@ -391,7 +411,12 @@ class Daemon:
         if plan is not None:
             for pod in plan.pods:
                 containers = [r.status.to_json() for r in self.runners.get(pod.key, [])]
-                pods.append(pod_json(pod, containers))
+                pj = pod_json(pod, containers)
+                ident = self.identity.pods.get(pod.key) if self.identity else None
+                if ident is not None:
+                    pj["identity"] = {"spiffe": ident.spiffe_id, "certsDir": str(ident.certs_dir),
+                                      "certTTL": ident.ttl_seconds}
+                pods.append(pj)
         cp = self.cp_runner.status.to_json() if self.cp_runner else None
         api = next((f["listen"] for f in self.forward_info if f["name"] == "controlplane"), "")
         return {
@@ -405,6 +430,10 @@ class Daemon:
                      "gateway": plan.gateway_ip} if plan else None,
             "sidecars": self.sidecars,
             "controlplane": {"status": cp, "xds": f"{plan.gateway_ip}:{XDS_PORT}" if plan else "",
+                             "ca": ({"address": f"{plan.gateway_ip}:{identity.CA_PORT}",
+                                     "dir": str(self.identity.ca_dir),
+                                     "rootCert": str(self.identity.root_cert)}
+                                    if plan and self.identity else None),
                              "api": f"http://{api}" if api else ""},
             "forwards": self.forward_info,
             "pods": pods,
@@ -470,6 +499,21 @@ class Daemon:
         if self.cp_runner is not None:
             await self.cp_runner.stop()
         await asyncio.to_thread(network.teardown, self.state.path)
+
+
+def start_order(runners: list[ContainerRunner]) -> list[tuple[ContainerRunner,
+                                                              list[ContainerRunner]]]:
+    """Each runner with the runners that must be ready before it starts: its container's
+    ``start_after`` names, else every sidecar for an app container (none for sidecars)."""
+    by_name = {r.container.name: r for r in runners}
+    sidecars = tuple(r.container.name for r in runners if r.container.sidecar)
+    out = []
+    for r in runners:
+        after = r.container.start_after
+        if after is None:
+            after = () if r.container.sidecar else sidecars
+        out.append((r, [by_name[n] for n in after if n in by_name and n != r.container.name]))
+    return out
 
 
 def ingress_target(plan: ClusterPlan) -> tuple[str, int] | None:

@@ -34,6 +34,7 @@ INGRESS_NAME = "istio-ingressgateway"
 INGRESS_LABELS = {"app": INGRESS_NAME, "istio": "ingressgateway"}
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 ADMIN_PORT = 15000
+HEALTH_PORT = 15021  # the proxy's /healthz/ready (Istio's status-port)
 # (name, service port, target port) as Istio's gateway chart.
 INGRESS_PORTS = (("status-port", 15021, 15021), ("http2", 80, 8080), ("https", 443, 8443))
 
@@ -78,7 +79,7 @@ def router_container(name: str, namespace: str, labels: dict[str, str], xds_addr
         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                 {"name": "INSTANCE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
         "ports": [{"containerPort": p, "protocol": "TCP"} for p in ports],
-        "readinessProbe": {"httpGet": {"path": "/ready", "port": ADMIN_PORT},
+        "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": HEALTH_PORT},
                            "periodSeconds": 1},
     }
 

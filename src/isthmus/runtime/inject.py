@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 SIDECAR_NAME = "istio-proxy"
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
-PROXY_READY_PORT = 15021  # Istio's; our proxy answers readiness on admin /ready
+PROXY_READY_PORT = 15021  # Istio's readiness port: /healthz/ready (LIVE, not draining)
+PROXY_READY_PATH = "/healthz/ready"
 PROXY_ADMIN_PORT = 15000
 
 
@@ -136,7 +137,7 @@ class IstioSidecarInjector:
             name=SIDECAR_NAME, image="isthmus/proxy", argv=argv, env=env,
             run_as_user=PROXY_UID, run_as_group=PROXY_UID, sidecar=True,
             capabilities=self.capabilities,
-            readiness=ReadinessCheck("http", port=PROXY_ADMIN_PORT, path="/ready",
+            readiness=ReadinessCheck("http", port=PROXY_READY_PORT, path=PROXY_READY_PATH,
                                      period=1.0),
         )
 

@@ -74,7 +74,8 @@ _NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # Kubernetes' SafeEncodeString a
 class ReadinessCheck:
     """A container's readiness probe, reduced to what the supervisor executes."""
 
-    kind: str  # "http" | "tcp" | "exec" | "running" (no probe: running for 1 s)
+    kind: str  # "http" | "tcp" | "exec" | "file" (``path`` exists, non-empty) | "running"
+    #            (no probe: running for 1 s)
     port: int = 0
     path: str = "/"
     host: str = ""
@@ -112,6 +113,9 @@ class ContainerPlan:
     # Linux capabilities (lowercase, no CAP_ prefix) kept across the UID change as
     # ambient capabilities (securityContext.capabilities.add for a non-root user).
     capabilities: tuple[str, ...] = ()
+    # Containers of the same pod that must be ready before this one starts; None: the
+    # default order (sidecars at once, app containers once every sidecar is ready).
+    start_after: tuple[str, ...] | None = None
 
     def env_dict(self) -> dict[str, str]:
         return dict(self.env)

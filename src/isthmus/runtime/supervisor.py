@@ -12,8 +12,9 @@ real kubelet uses 10 s to 5 min), and the waiting state reads ``CrashLoopBackOff
 kubectl's. Readiness comes from the readinessProbe, executed inside the pod's network
 namespace (``netnsutil.socket_in_netns``): httpGet / tcpSocket to 127.0.0.1 (the probe
 sits in the pod, like Istio's rewritten probes, so capture leaves it alone) unless the
-probe names a host, exec via ``ip netns exec``; without a probe, a container is ready
-once it has been running for 1 s.
+probe names a host, exec via ``ip netns exec``; a runtime-made "file" check (the
+agent's certificates exist) stats a path; without a probe, a container is ready once it
+has been running for 1 s.
 
 Every change calls ``on_change`` so the daemon can rewrite the state file.
 
@@ -211,6 +212,8 @@ class ContainerRunner:
 
     async def probe_once(self, check: ReadinessCheck) -> bool:
         try:
+            if check.kind == "file":  # e.g. the agent's certificates are written
+                return await asyncio.to_thread(_file_ready, check.path)
             if check.kind == "exec":
                 proc = await asyncio.create_subprocess_exec(
                     *exec_prefix(self.netns, None, None), *check.command,
@@ -245,6 +248,13 @@ class ContainerRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(self._task, 2.0)
         self.status.state, self.status.reason, self.status.ready = "Terminated", "Stopped", False
+
+
+def _file_ready(path: str) -> bool:
+    try:
+        return os.stat(path).st_size > 0
+    except OSError:
+        return False
 
 
 async def _net_probe(netns: str, check: ReadinessCheck) -> bool:

@@ -65,7 +65,8 @@ def test_istio_gateway_brings_the_ingress_gateway() -> None:
     argv = pod.containers[0].argv
     assert argv[argv.index("proxy") + 1] == "router"
     assert f"router~{pod.ip}~{pod.name}.istio-system~istio-system.svc.cluster.local" in argv
-    assert pod.containers[0].readiness.port == 15000
+    assert (pod.containers[0].readiness.port, pod.containers[0].readiness.path) == (
+        15021, "/healthz/ready")
     assert ingress_target(plan) == (pod.ip, 8080)  # Service 80 -> targetPort 8080
 
 

@@ -34,6 +34,10 @@ def test_deployment_gets_init_and_proxy_first() -> None:
     assert proxy["securityContext"]["runAsUser"] == 1337
     assert "app=reviews,version=v1" in proxy["args"]
     assert "postStart" in proxy["lifecycle"]  # app waits for the proxy
+    assert "127.0.0.1:15021/healthz/ready" in proxy["lifecycle"]["postStart"]["exec"]["command"][2]
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
+    assert proxy["readinessProbe"]["periodSeconds"] == 2  # Istio's probe timing
+    assert proxy["readinessProbe"]["failureThreshold"] == 30
     status = json.loads(tmpl["metadata"]["annotations"]["sidecar.istio.io/status"])
     assert status["initContainers"] == ["istio-init"] and status["containers"] == ["istio-proxy"]
     assert tmpl["metadata"]["labels"]["security.istio.io/tlsMode"] == "istio"
