@@ -62,7 +62,8 @@ _POD_FIELDS = {"containers", "service_account_name", "service_account", "securit
                "restart_policy", "termination_grace_period_seconds", "volumes", "hostname",
                "subdomain", "enable_service_links", "automount_service_account_token",
                "dns_policy", "node_selector", "affinity", "tolerations", "priority_class_name",
-               "image_pull_secrets", "host_aliases"}
+               "image_pull_secrets", "host_aliases",
+               "node_name"}  # ambient: pods on other nodes (runtime/ambient.py)
 
 _NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # Kubernetes' SafeEncodeString alphabet
 
@@ -142,6 +143,7 @@ class PodPlan:
     injection: InjectionDecision = InjectionDecision(False, "")
     hostname: str = ""
     uid: str = ""
+    node: str = "node-1"  # spec.nodeName (ambient multi-node, see runtime/ambient.py)
 
     @property
     def key(self) -> str:
@@ -403,8 +405,17 @@ def build_plan(resources: Sequence[Resource[Any]], options: PlanOptions = PlanOp
     # Pods (without env yet: env needs service IPs, which exist now).
     pods: list[PodPlan] = []
     seen_names: set[str] = set()
+    # ambient hook: one pod range per node (spec.nodeName), node-1 is pod_net
+    from isthmus.runtime.ambient import NodeIpAllocator
+
+    node_ips = NodeIpAllocator(pod_net)
     for i, src in enumerate(sources):
-        ip = str(hosts[i])
+        node_ip = node_ips.allocate(src.spec.node_name)
+        if node_ip is None:
+            ctx.error(src.owner_res, f"node {src.spec.node_name or 'node-1'}'s pod range is "
+                                     f"full; pod {src.namespace}/{src.name} is not planned")
+            continue
+        ip = node_ip
         key = f"{src.namespace}/{src.name}"
         if key in seen_names:
             ctx.error(src.owner_res, f"duplicate pod {key}; the second is not run")
@@ -549,7 +560,7 @@ def _plan_pod(ctx: _Ctx, src: _PodSource, ip: str, index: int,
     hostname = spec.hostname or src.name
     pod_ctx = {
         "metadata.name": src.name, "metadata.namespace": src.namespace, "metadata.uid": uid,
-        "spec.serviceAccountName": sa, "spec.nodeName": ctx.options.cluster + "-node",
+        "spec.serviceAccountName": sa, "spec.nodeName": spec.node_name or "node-1",
         "status.podIP": ip, "status.podIPs": ip, "status.hostIP": "",
     }
     service_env = _service_link_env(src.namespace, services, cluster_ips) \
@@ -582,6 +593,7 @@ def _plan_pod(ctx: _Ctx, src: _PodSource, ip: str, index: int,
         injection=injection,
         hostname=hostname,
         uid=uid,
+        node=spec.node_name or "node-1",
     )
 
 
