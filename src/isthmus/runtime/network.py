@@ -15,8 +15,9 @@ inside each namespace (``ip netns pids``), deletes the namespaces (veths, the br
 all iptables rules go with them) and their ``/etc/netns/<name>`` directories.
 
 Per pod the rules go in this order: the sidecar's capture rules (init step, when
-injected), then kube-proxy's ClusterIP DNAT appended after them (see ``kubeproxy`` for why
-the order matters).
+injected) or an ambient pod's ztunnel redirection (``ambient``), then kube-proxy's
+ClusterIP DNAT appended after them (see ``kubeproxy`` for why the order matters). Pods
+with ``spec.nodeName`` other than node-1 plug into their node's namespace (``ambient``).
 
 Neighbours: ``plan``, ``kubeproxy``, ``dns``, ``inject``, ``daemon`` (calls ``setup``).
 """
@@ -103,16 +104,19 @@ def node_commands(plan: ClusterPlan) -> list[list[str]]:
 
 
 def pod_commands(plan: ClusterPlan, pod: PodPlan) -> list[list[str]]:
-    node, ns = plan.node_netns, pod.netns
+    from isthmus.runtime.ambient import node_net  # ambient hook: the pod's node (nodeName)
+
+    nn = node_net(plan, pod.node)
+    node, ns = nn.netns, pod.netns
     return [
         ["ip", "netns", "add", ns],
         ["ip", "-n", ns, "link", "set", "lo", "up"],
         ["ip", "-n", node, "link", "add", pod.veth, "type", "veth", "peer", "name", "eth0",
          "netns", ns],
-        ["ip", "-n", node, "link", "set", pod.veth, "master", plan.bridge, "up"],
-        ["ip", "-n", ns, "addr", "add", f"{pod.ip}/{plan.prefix_len}", "dev", "eth0"],
+        ["ip", "-n", node, "link", "set", pod.veth, "master", nn.bridge, "up"],
+        ["ip", "-n", ns, "addr", "add", f"{pod.ip}/{nn.prefix_len}", "dev", "eth0"],
         ["ip", "-n", ns, "link", "set", "eth0", "up"],
-        ["ip", "-n", ns, "route", "add", "default", "via", plan.gateway_ip, "dev", "eth0"],
+        ["ip", "-n", ns, "route", "add", "default", "via", nn.gateway_ip, "dev", "eth0"],
         # Like containerd: any UID may bind ports below 1024 inside a pod.
         in_netns(ns, "sysctl", "-q", "-w", "net.ipv4.ip_unprivileged_port_start=0"),
     ]
@@ -145,6 +149,9 @@ class NetworkManager:
         self._record(self.plan.node_netns)
         self._run_all(node_commands(self.plan))
         self.install_service_rules(self.plan.node_netns)
+        from isthmus.runtime import ambient  # ambient hook: other nodes (spec.nodeName)
+
+        ambient.setup_extra_nodes(self)
 
     def setup_pod(self, pod: PodPlan) -> None:
         self._record(pod.netns)
@@ -166,6 +173,12 @@ class NetworkManager:
 
             for argv in passthrough_rules(pod):
                 self.runner.run(in_netns(pod.netns, *argv))
+        from isthmus.runtime import ambient  # ambient hook: ztunnel redirection, before DNAT
+
+        try:
+            ambient.install_initial_rules(self.plan, pod, self.runner)
+        except IsthmusError as exc:
+            raise NetworkError(f"pod {pod.key}: ambient capture rules: {exc}") from None
         self.install_service_rules(pod.netns)
 
     def install_service_rules(self, netns: str) -> None:
