@@ -30,6 +30,10 @@ class Resource(enum.Enum):
     RETRIES = "retries"
     CONNECTION_POOLS = "connection_pools"
 
+    # Members are singletons: identity hashing (C) instead of Enum's hash(self._name_),
+    # a Python call on every counter lookup.
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, slots=True)
 class Thresholds:
@@ -62,40 +66,52 @@ class Thresholds:
 
 class ResourceManager:
     """Counters for one priority. Not thread-safe: one per worker process, like Envoy's
-    per-cluster (process-wide) counters approximated per worker."""
+    per-cluster (process-wide) counters approximated per worker.
 
-    __slots__ = ("_used", "thresholds")
+    The static limits are looked up once, at construction (hot path: one dict read per
+    acquire); only a retry budget's limit depends on the counters."""
+
+    __slots__ = ("_limits", "_used", "thresholds")
 
     def __init__(self, thresholds: Thresholds) -> None:
         self.thresholds = thresholds
         self._used = {r: 0 for r in Resource}
-
-    def limit(self, r: Resource) -> int:
-        t = self.thresholds
-        if r is Resource.RETRIES and t.retry_budget_percent is not None:
-            active = self._used[Resource.REQUESTS] + self._used[Resource.PENDING_REQUESTS]
-            return max(t.min_retry_concurrency, int(active * t.retry_budget_percent / 100.0))
-        return {
+        t = thresholds
+        self._limits: dict[Resource, int | None] = {
             Resource.CONNECTIONS: t.max_connections,
             Resource.PENDING_REQUESTS: t.max_pending_requests,
             Resource.REQUESTS: t.max_requests,
-            Resource.RETRIES: t.max_retries,
+            Resource.RETRIES: t.max_retries if t.retry_budget_percent is None else None,
             Resource.CONNECTION_POOLS: t.max_connection_pools,
-        }[r]
+        }
+
+    def limit(self, r: Resource) -> int:
+        lim = self._limits[r]
+        if lim is not None:
+            return lim
+        t = self.thresholds  # retry budget
+        active = self._used[Resource.REQUESTS] + self._used[Resource.PENDING_REQUESTS]
+        return max(t.min_retry_concurrency, int(active * (t.retry_budget_percent or 0.0) / 100.0))
 
     def can_create(self, r: Resource) -> bool:
-        return self._used[r] < self.limit(r)
+        lim = self._limits[r]
+        return self._used[r] < (lim if lim is not None else self.limit(r))
 
     def try_acquire(self, r: Resource) -> bool:
-        if self._used[r] >= self.limit(r):
+        used = self._used
+        n = used[r]
+        lim = self._limits[r]
+        if n >= (lim if lim is not None else self.limit(r)):
             return False
-        self._used[r] += 1
+        used[r] = n + 1
         return True
 
     def release(self, r: Resource) -> None:
-        if self._used[r] <= 0:
+        used = self._used
+        n = used[r]
+        if n <= 0:
             raise RuntimeError(f"circuit breaker: release of {r.value} without acquire")
-        self._used[r] -= 1
+        used[r] = n - 1
 
     def in_use(self, r: Resource) -> int:
         return self._used[r]
