@@ -440,3 +440,28 @@ def _sync(files: ZtunnelFiles, pods: Sequence[Mapping[str, str]]) -> str:
     except (OSError, ValueError) as exc:
         return f"ztunnel {files.node}: {exc}"
     return "" if reply.get("ok") else f"ztunnel {files.node}: {reply.get('error')}"
+
+
+async def start_for_daemon(daemon: Any, plan: ClusterPlan, cwd: str,
+                           env: Mapping[str, str]) -> AmbientManager | None:
+    """The daemon's hook: ztunnels + reconcile when the plan uses ambient (else None)."""
+    from isthmus.runtime import identity
+    from isthmus.runtime.supervisor import ContainerRunner
+
+    mesh_id = daemon.identity
+    if mesh_id is None or not wanted(plan):
+        return None
+
+    def make_runner(key: str, netns: str, c: ContainerPlan, log_path: Path) -> ContainerRunner:
+        return ContainerRunner(key, netns, c, log_path, cwd, env, backoff=daemon.opts.backoff,
+                               on_change=daemon.changed, grace=3.0)
+
+    from isthmus.runtime.daemon import CP_HTTP_PORT, XDS_PORT
+
+    mgr = AmbientManager(plan, daemon.state.path, daemon.state.logs, mesh_id.root_cert,
+                         mesh_id.tokens_file, XDS_PORT, identity.CA_PORT, CP_HTTP_PORT,
+                         make_runner, on_change=daemon.changed)
+    await mgr.start()
+    daemon.report("progress", message="ambient: ztunnel on " + ", ".join(
+        f"{n.name} ({n.netns}, {n.cidr})" for n in nodes(plan)))
+    return mgr

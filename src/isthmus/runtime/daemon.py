@@ -115,6 +115,7 @@ class Daemon:
         self.sidecars = False
         self.identity: identity.MeshIdentity | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.ambient: Any = None  # ambient.AmbientManager when pods use ambient mode
 
     # ------------------------------------------------------------------ reporting
 
@@ -252,6 +253,9 @@ class Daemon:
                 self.state.logs / "isthmus-system_controlplane.log", cwd, env,
                 backoff=self.opts.backoff, on_change=self.changed)
             self.cp_runner.start()
+            from isthmus.runtime import ambient  # ambient hook: a ztunnel per node
+
+            self.ambient = await ambient.start_for_daemon(self, plan, cwd, env)
         for pod in plan.pods:
             runners = [ContainerRunner(pod.key, pod.netns, c,
                                        self.state.logs / f"{pod.namespace}_{pod.name}_{c.name}.log",
@@ -346,6 +350,10 @@ class Daemon:
                 self._write_pods_config()
                 if self.opts.controlplane:
                     await self._wait_converged(CONVERGE_TIMEOUT)
+                if self.ambient is not None and not await self.ambient.wait_synced(
+                        CONVERGE_TIMEOUT):  # ambient hook
+                    self._diag("warning: ztunnels do not have their pods yet (see "
+                               "`isthmus status`, state.json 'ambient')", False)
                 self._write_state()
                 self.report("ready", pods=len(states), failed=failed,
                             forwards=self.forward_info, state=str(self.state.path))
@@ -446,6 +454,7 @@ class Daemon:
                 for s in (plan.services if plan else ())
             ],
             "diagnostics": self.diagnostics,
+            **({"ambient": self.ambient.snapshot()} if self.ambient is not None else {}),
         }
 
     def _write_config(self) -> None:
@@ -496,6 +505,8 @@ class Daemon:
             await fwd.stop()
         runners = [r for rs in self.runners.values() for r in rs]
         await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
+        if self.ambient is not None:  # ambient hook: ztunnels
+            await self.ambient.stop()
         if self.cp_runner is not None:
             await self.cp_runner.stop()
         await asyncio.to_thread(network.teardown, self.state.path)
@@ -617,7 +628,7 @@ def pod_manifest(pod: PodPlan, ready: bool) -> dict[str, Any]:
         "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": dict(pod.labels),
                      "annotations": {**pod.annotations,
                                      ANNOTATION_READY: "true" if ready else "false"}},
-        "spec": {"serviceAccountName": pod.service_account,
+        "spec": {"serviceAccountName": pod.service_account, "nodeName": pod.node,
                  "containers": [{"name": c.name, "image": c.image or "local",
                                  "ports": [{"name": p.name, "containerPort": p.port,
                                             "protocol": p.protocol} if p.name else
