@@ -166,7 +166,7 @@ class HbonePool:
         try:
             transport, _ = await loop.create_connection(
                 lambda: session, sock=sock, ssl=ctx,
-                server_hostname=sni_for(key.dst_identity) if key.dst_identity else None,
+                server_hostname=sni_for(key.dst_identity) if key.dst_identity else "",
                 ssl_handshake_timeout=self.connect_timeout)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             sock.close()

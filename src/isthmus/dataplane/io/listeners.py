@@ -28,6 +28,10 @@ Per accepted connection (``_serve``), in Envoy's order:
      sides are plain, else the transport relay (``io.tls.relay_transports``);
      HCM: an ``Http1Downstream`` protocol on the socket or the TLS transport, whose
      ``ConnContext`` carries the negotiated ALPN and ``TlsInfo``.
+A listener named in ``core.listener_hooks`` (name -> ``async (listener, socket, remote)``)
+is handed the accepted socket right away instead: the waypoint serves its
+``connect_terminate`` HBONE listener that way (``dataplane.waypoint``), while binding,
+LDS updates and drain stay here.
 """
 
 from __future__ import annotations
@@ -336,6 +340,12 @@ class ListenerManager:
                 return
             stats = core.stats
             stats.inc(f"listener.{lis.address}_{lis.port}.downstream_cx_total")
+            hooks = getattr(core, "listener_hooks", None)
+            hook = hooks.get(lis.name) if hooks else None
+            if hook is not None:  # a listener served by a component (the waypoint's HBONE)
+                handed = True
+                await hook(lis, sock, _addr(remote))
+                return
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:

@@ -73,6 +73,7 @@ RAW_BUFFER_URL = _T + "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffe
 TLS_SOCKET = "envoy.transport_sockets.tls"
 RAW_BUFFER_SOCKET = "envoy.transport_sockets.raw_buffer"
 TRANSPORT_SOCKET_MATCH_KEY = "envoy.transport_socket_match"
+TUNNEL_METADATA_KEY = "isthmus.tunnel"  # waypoint clusters/endpoints (translate/waypoint.py)
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 LISTENER_FILTERS = {
@@ -734,6 +735,11 @@ class HostSpec:
     priority: int = 0
     #: the endpoint's ``envoy.transport_socket_match`` metadata, flattened (sorted pairs)
     ts_match: tuple[tuple[str, str], ...] = ()
+    #: the endpoint's ``isthmus.tunnel`` metadata, flattened (waypoint clusters: e.g.
+    #: ``(("protocol", "s:none"),)`` for a workload that cannot take HBONE)
+    tunnel: tuple[tuple[str, str], ...] = ()
+    #: Istio's ``istio.workload`` endpoint metadata ("name;ns;canonical;revision;cluster")
+    workload: str = ""
 
     @property
     def key(self) -> str:
@@ -813,11 +819,21 @@ def _hosts(ctx: Ctx, cla: Any, path: str, allow_names: bool = False
                 ctx.reject(p + ".endpoint.address.socket_address.address",
                            f"{sa.address!r} is not an IP (use a DNS cluster for names)")
             ts_match: tuple[tuple[str, str], ...] = ()
+            tunnel: tuple[tuple[str, str], ...] = ()
+            wl = ""
             if lbe.HasField("metadata"):
-                st = lbe.metadata.filter_metadata.get(TRANSPORT_SOCKET_MATCH_KEY)
+                fm = lbe.metadata.filter_metadata
+                st = fm.get(TRANSPORT_SOCKET_MATCH_KEY)
                 if st is not None:
                     ts_match = _struct_items(st)
-            hosts.append(HostSpec(ip, sa.port_value, weight, healthy, loc.priority, ts_match))
+                st = fm.get(TUNNEL_METADATA_KEY)
+                if st is not None:
+                    tunnel = _struct_items(st)
+                st = fm.get("istio")
+                if st is not None and "workload" in st.fields:
+                    wl = st.fields["workload"].string_value
+            hosts.append(HostSpec(ip, sa.port_value, weight, healthy, loc.priority, ts_match,
+                                  tunnel, wl))
     return tuple(hosts), tuple(names)
 
 
@@ -911,6 +927,12 @@ def compile_cluster(name: str, c: cluster_pb2.Cluster) -> ClusterConfig:
 
 
 def compile_routes(name: str, rc: route_pb2.RouteConfiguration) -> RouteTable:
+    # the waypoint's CONNECT table (connect_matcher routes carrying ``isthmus.waypoint``
+    # metadata) is compiled by the waypoint; everything else is an ordinary route table
+    from isthmus.dataplane.waypoint.table import ConnectTable, is_connect_table
+
+    if is_connect_table(rc):
+        return ConnectTable.from_proto(rc)  # type: ignore[return-value]
     return RouteTable.from_proto(rc)
 
 

@@ -1,0 +1,273 @@
+"""``WaypointServer``: the waypoint's single pass, from an accepted HBONE connection to
+the destination's HBONE tunnel, with no internal listener in between.
+
+Istio's waypoint walks every byte through four listeners (``connect_terminate`` ->
+``inbound-vip`` -> ``inbound-pod`` -> ``connect_originate``, each an internal listener
+with its own filter chain, cluster and buffers; seed 000). Here one CONNECT stream goes
+through these steps in one task:
+
+1. mTLS + HTTP/2 accept (``hbone.HboneServer``): the waypoint's certificate (the
+   listener's DownstreamTlsContext SDS names, ``io.certs``), the client's certificate
+   required and its SPIFFE id read once per connection;
+2. per CONNECT: the ``connect_terminate`` ``ConnectTable`` (current at the CONNECT)
+   maps ``:authority`` (the original destination ``ip:port``) to a ``ConnectEntry``;
+   unknown: 404;
+3. ``inner: http``: 200, then the proxy's own HTTP engine (``make_downstream``: HTTP/1,
+   or h2c by preface) runs *on the stream's bytes* (``bridge.attach_protocol``) and
+   every inner request takes the proxy's normal path (``conn_manager.handle_stream``):
+   RBAC of the listener's HCM with the tunnel's peer identity as source principal and
+   the original destination as destination, then fault / cors, then the router over
+   the inner route table ``<fqdn>:<port>`` (weights, retries, timeouts, mirrors, header
+   edits), whose cluster's pools open HTTP/1.1 inside HBONE tunnels to the chosen
+   endpoint (``waypoint.upstream``), pooled and reused;
+4. ``inner: tcp``: the listener's RBAC (connection attributes only), then a tunnel to
+   an endpoint of the route's cluster (the CONNECT authority itself for
+   ``connect_originate``) and the two streams are spliced (``bridge.relay_tunnels``).
+
+``forwarded: for=<ip>`` (what ztunnels send) becomes the inner requests' source
+address. Stats: ``waypoint.connect.{accepted,no_route,denied,upstream_fail}``.
+Neighbours: ``waypoint.proxy`` (composition), ``io.listeners`` (the listener hook),
+``http.conn_manager``, ``waypoint.table``, ``waypoint.upstream``, ``waypoint.bridge``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import replace
+from typing import Any
+
+from isthmus.dataplane.hbone import HboneServer, ServerSession, Tunnel
+from isthmus.dataplane.hbone.tls import peer_identity, server_context
+from isthmus.dataplane.io.tls import PeerSans, TlsInfo
+from isthmus.dataplane.proxy.config import HcmConfig, HttpFilter
+from isthmus.dataplane.waypoint.bridge import attach_protocol, relay_tunnels
+from isthmus.dataplane.waypoint.table import ConnectEntry, ConnectTable
+
+log = logging.getLogger(__name__)
+
+FAULT_FILTER = "envoy.filters.http.fault"
+CORS_FILTER = "envoy.filters.http.cors"
+
+
+def forwarded_for(headers: list[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
+        if name.lower() == b"forwarded":
+            for part in value.decode("latin-1").split(";"):
+                k, _, v = part.strip().partition("=")
+                if k.lower() == "for" and v:
+                    return v.strip('"').strip("[]")
+    return ""
+
+
+def inner_hcm(hcm: HcmConfig, entry: ConnectEntry) -> HcmConfig:
+    """The HCM config inner requests run under: the listener's HTTP filters (RBAC...),
+    with fault and cors before the router as a sidecar's HCM has them (routes carry
+    their per-filter config), routes from ``entry.route_config``; codec AUTO (HTTP/1
+    or h2c by preface); no CONNECT upgrade inside."""
+    filters = list(hcm.http_filters)
+    names = {f.name for f in filters}
+    at = len(filters) - 1 if filters and filters[-1].kind == "router" else len(filters)
+    extra = []
+    if FAULT_FILTER not in names:
+        extra.append(HttpFilter(FAULT_FILTER, "fault"))
+    if CORS_FILTER not in names:
+        extra.append(HttpFilter(CORS_FILTER, "cors"))
+    filters[at:at] = extra
+    if not filters or filters[-1].kind != "router":
+        filters.append(HttpFilter("envoy.filters.http.router", "router"))
+    return replace(hcm, rds_name=entry.route_config, route_table=None, codec="AUTO",
+                   upgrades=frozenset({"websocket"}) & hcm.upgrades,
+                   http_filters=tuple(filters))
+
+
+class WaypointServer:
+    """Serves the waypoint listener's accepted sockets (``io.listeners`` hook)."""
+
+    def __init__(self, core: Any, listener_name: str, connector: Any) -> None:
+        self.core = core
+        self.listener_name = listener_name
+        self.connector = connector  # upstream.HboneConnector
+        self.hbone = HboneServer(self._select, self._on_tunnel)
+        self.identity = ""
+        self._ctx: tuple[str, ssl.SSLContext] | None = None
+        self._ctx_version = ""
+        self._inner: dict[tuple[int, str], HcmConfig] = {}  # (id(hcm), route_config)
+        self.stats = core.stats.scope("waypoint.connect.")
+
+    # -- listener hook ----------------------------------------------------------------------
+
+    async def serve(self, lis: Any, sock: Any, remote: tuple[str, int]) -> None:
+        await self.hbone.handle(sock, remote)
+
+    def _chain(self) -> tuple[Any, Any]:
+        lis = self.core.manager.runtime.listeners.get(self.listener_name)
+        if lis is None:
+            return None, None
+        return lis, lis.single_chain or (lis.chains[0] if lis.chains else None)
+
+    async def _select(self, sni: str | None, local: tuple[str, int]
+                      ) -> tuple[str, ssl.SSLContext] | None:
+        from isthmus.dataplane.io.certs import SecretUnavailable, resolve
+
+        _, chain = self._chain()
+        if chain is None or chain.tls is None:
+            log.warning("waypoint listener %s has no TLS context: refusing HBONE",
+                        self.listener_name)
+            return None
+        try:
+            m = resolve(chain.tls)
+        except SecretUnavailable as exc:
+            log.warning("waypoint: %s", exc)
+            return None
+        if self._ctx is None or m.version != self._ctx_version:
+            ctx = server_context(m.cert_chain, m.private_key, m.trusted_ca)
+            self.identity = own_identity(m.cert_chain)
+            self._ctx = (self.identity, ctx)
+            self._ctx_version = m.version
+        return self._ctx
+
+    # -- one CONNECT ------------------------------------------------------------------------
+
+    async def _on_tunnel(self, session: ServerSession, tunnel: Tunnel) -> None:
+        rt = self.core.manager.runtime
+        lis, chain = self._chain()
+        hcm = chain.hcm if chain is not None else None
+        table = rt.routes.get(hcm.rds_name) if hcm is not None and hcm.rds_name else None
+        if hcm is None or not isinstance(table, ConnectTable):
+            self.stats.inc("no_config")
+            session.reject(tunnel, 503)
+            return
+        host, port = tunnel.target
+        entry = table.lookup(host, port)
+        if entry is None:
+            self.stats.inc("no_route")
+            log.info("waypoint: CONNECT %s:%d from %s: no bound service or workload (404)",
+                     host, port, session.peer_identity)
+            session.reject(tunnel, 404)
+            return
+        src = forwarded_for(tunnel.headers) or session.peer_sockaddr[0]
+        remote = (src, session.peer_sockaddr[1])
+        tls = TlsInfo("h2", "", "TLSv1.3", PeerSans(uri=(session.peer_identity,)))
+        if entry.inner == "http":
+            self.stats.inc("accepted")
+            await self._serve_http(session, tunnel, lis, hcm, entry, remote, tls)
+        else:
+            await self._relay_tcp(session, tunnel, hcm, entry, remote, tls)
+
+    async def _serve_http(self, session: ServerSession, tunnel: Tunnel, lis: Any,
+                          hcm: HcmConfig, entry: ConnectEntry, remote: tuple[str, int],
+                          tls: TlsInfo) -> None:
+        from isthmus.dataplane.http.conn_manager import handle_stream
+        from isthmus.dataplane.http.downstream import ConnContext, make_downstream
+
+        key = (id(hcm), entry.route_config)
+        ih = self._inner.get(key)
+        if ih is None:
+            if len(self._inner) > 256:
+                self._inner.clear()
+            ih = self._inner[key] = inner_hcm(hcm, entry)
+        target = tunnel.target
+        ctx = ConnContext(self.core, lis, ih, target, remote, target)
+        ctx.tls = tls
+        session.accept(tunnel)
+        proto = make_downstream(ctx, handle_stream, None)
+        attach_protocol(tunnel, proto, {"peername": remote, "sockname": target})
+        await tunnel.wait()
+
+    async def _relay_tcp(self, session: ServerSession, tunnel: Tunnel, hcm: HcmConfig,
+                         entry: ConnectEntry, remote: tuple[str, int], tls: TlsInfo) -> None:
+        from isthmus.dataplane.http.filters.rbac import connection
+        from isthmus.dataplane.proxy.config import HostSpec
+        from isthmus.dataplane.waypoint.upstream import host_plain, relay_to_endpoint
+
+        conn = connection(tunnel.target, remote, tunnel.target, tls)
+        for f in hcm.http_filters:
+            engine = getattr(f.impl, "engine", None)
+            if engine is None:
+                continue
+            d = engine.evaluate(conn, None)
+            if not d.allowed:
+                self.stats.inc("denied")
+                log.info("waypoint: tcp CONNECT %s:%d from %s denied by %s", *tunnel.target,
+                         session.peer_identity, d.policy_name or "no ALLOW policy")
+                session.reject(tunnel, 401)
+                return
+        cluster = self.core.manager.clusters.get(entry.cluster)
+        if cluster is None:
+            self.stats.inc("upstream_fail")
+            session.reject(tunnel, 503)
+            return
+        if cluster.config.type == "ORIGINAL_DST":
+            host: HostSpec | None = HostSpec(*tunnel.target)
+        else:
+            host = cluster.pick()
+        if host is None:
+            cluster.stats.inc("upstream_cx_none_healthy")
+            self.stats.inc("upstream_fail")
+            session.reject(tunnel, 503)
+            return
+        cs = cluster.stats
+        cs.inc("upstream_cx_total")
+        if host_plain(host):
+            from isthmus.dataplane.io.upstream import UpstreamConnectError, connect
+
+            try:
+                sock = await connect(host.address, host.port, cluster.config.connect_timeout_s)
+            except UpstreamConnectError as exc:
+                cs.inc("upstream_cx_connect_fail")
+                self.stats.inc("upstream_fail")
+                log.info("waypoint: %s", exc)
+                session.reject(tunnel, 503)
+                return
+            self.stats.inc("accepted")
+            session.accept(tunnel)
+            await tunnel.attach(sock)
+            await tunnel.wait()
+            return
+        from isthmus.dataplane.io.upstream import UpstreamConnectError
+
+        try:
+            up = await relay_to_endpoint(self.connector, cluster, host,
+                                         [(b"forwarded", f"for={remote[0]}".encode())])
+        except UpstreamConnectError as exc:
+            cs.inc("upstream_cx_connect_fail")
+            self.stats.inc("upstream_fail")
+            log.info("waypoint: tcp CONNECT %s:%d: %s", *tunnel.target, exc)
+            session.reject(tunnel, 503)
+            return
+        self.stats.inc("accepted")
+        session.accept(tunnel)
+        cs.add("upstream_cx_active", 1)
+        try:
+            sent, received = await relay_tunnels(tunnel, up)
+            cs.inc("upstream_cx_tx_bytes_total", sent)
+            cs.inc("upstream_cx_rx_bytes_total", received)
+        finally:
+            cs.add("upstream_cx_active", -1)
+            up.abort()
+
+    def drain(self) -> None:
+        self.hbone.drain()
+
+
+def own_identity(chain_pem: bytes) -> str:
+    """The SPIFFE id of the first certificate of a PEM chain ("" without one)."""
+    from cryptography import x509
+
+    from isthmus.dataplane.io.tls import peer_sans
+
+    try:
+        cert = x509.load_pem_x509_certificate(chain_pem)
+    except ValueError:
+        return ""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    for uri in peer_sans(cert.public_bytes(Encoding.DER)).uri:
+        if uri.startswith("spiffe://"):
+            return uri
+    return ""
+
+
+__all__ = ["WaypointServer", "forwarded_for", "inner_hcm", "own_identity", "peer_identity"]
