@@ -360,6 +360,12 @@ async def handle_stream(raw: DownstreamStream) -> None:
         body = raw.body
         if body is not None:
             st.bytes_received = body.consumed
+        # The codec may answer by itself (408 stream/request timeout with flag SI, ...).
+        if st.code == 0 and getattr(raw, "local_status", 0):
+            st.code = raw.local_status
+        raw_flags = getattr(raw, "flags", "")
+        if raw_flags:
+            st.flags = raw_flags
         if not raw.done and not st._flags:
             st.add_flag("DC")
         tel = getattr(st.conn.ctx.proxy, "telemetry", None)
