@@ -61,6 +61,7 @@ ZTUNNEL_ADMIN_PORT = 15000
 LINK_NET = ipaddress.ip_network("192.168.255.0/24")  # node-1 <-> node-k transit /30s
 NETNS_RUN = Path("/var/run/netns")
 RECONCILE_PERIOD = 1.0
+START_SYNC_TIMEOUT = 30.0
 
 
 # ---------------------------------------------------------------- nodes (pure)
@@ -464,4 +465,9 @@ async def start_for_daemon(daemon: Any, plan: ClusterPlan, cwd: str,
     await mgr.start()
     daemon.report("progress", message="ambient: ztunnel on " + ", ".join(
         f"{n.name} ({n.netns}, {n.cidr})" for n in nodes(plan)))
+    # Like istio-cni: an enrolled pod's app starts only once its ztunnel listens in the
+    # pod (else its first connections meet capture rules with nothing behind them).
+    if not await mgr.wait_synced(START_SYNC_TIMEOUT):
+        daemon._diag(f"warning: ztunnels did not take their pods within "
+                     f"{START_SYNC_TIMEOUT:.0f}s; ambient pods start anyway", False)
     return mgr

@@ -329,7 +329,9 @@ class Ztunnel:
         self.certs.prefetch(local)
 
     def local_workloads(self) -> list[Workload]:
-        return [w for w in self.mesh.workloads.on_node(self.options.node) if w.protocol == HBONE]
+        # sidecars and waypoints (native tunnel) terminate HBONE themselves: not ours
+        return [w for w in self.mesh.workloads.on_node(self.options.node)
+                if w.protocol == HBONE and not w.native_tunnel]
 
     def local_identities(self) -> set[str]:
         return {w.spiffe_id for w in self.local_workloads()}
