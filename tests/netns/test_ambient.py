@@ -372,3 +372,21 @@ def test_unenrol_and_reenrol_without_restart(mesh: m.Mesh, tmp_path: Path) -> No
     assert new_lines(mesh, "node-1", n1, "direction=outbound")
     after = next(p for p in status(mesh)["pods"] if p["name"] == client["name"])
     assert after["containers"][0]["pid"] == pid and after["restarts"] == 0
+
+
+def test_restarted_ztunnel_gets_its_pods_back(mesh: m.Mesh) -> None:
+    zt = node(mesh, "node-2")["ztunnel"]["status"]
+    os.kill(zt["pid"], 9)
+
+    def back() -> bool:
+        st = node(mesh, "node-2")["ztunnel"]
+        if st["status"]["pid"] == zt["pid"] or not st["status"]["ready"]:
+            return False
+        try:
+            dump = json.loads(ztunnel_admin(mesh, "node-2", "/config_dump"))
+        except subprocess.CalledProcessError:
+            return False
+        return len(dump.get("pods", [])) == 1
+
+    assert wait(back, 30), node(mesh, "node-2")
+    assert wait(lambda: get(mesh, "amb/client", URL)[0] == "200", 10)
