@@ -299,6 +299,8 @@ class Pod:
         while True:
             c, addr = await loop.sock_accept(self.sock)
             c.setblocking(False)
+            # asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             t = loop.create_task(self.hbone.handle(c, addr))
             tasks.add(t)
             t.add_done_callback(tasks.discard)

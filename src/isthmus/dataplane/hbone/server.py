@@ -42,6 +42,11 @@ class HboneServer:
     async def handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         """Serve one accepted connection until it closes."""
         local = sock.getsockname()[:2]
+        try:  # asyncio sets TCP_NODELAY only for sockets created with IPPROTO_TCP; without
+            # it a response head and body in two TLS records wait for a delayed ACK (40 ms)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         try:
             sni = await peek_sni(sock, self.handshake_timeout)
             chosen = await self.select(sni, local)

@@ -340,16 +340,16 @@ class ListenerManager:
                 return
             stats = core.stats
             stats.inc(f"listener.{lis.address}_{lis.port}.downstream_cx_total")
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
             hooks = getattr(core, "listener_hooks", None)
             hook = hooks.get(lis.name) if hooks else None
             if hook is not None:  # a listener served by a component (the waypoint's HBONE)
                 handed = True
                 await hook(lis, sock, _addr(remote))
                 return
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
             local = _addr(sock.getsockname())
             remote_a = _addr(remote)
             dst = None

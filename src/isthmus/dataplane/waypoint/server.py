@@ -33,7 +33,9 @@ Neighbours: ``waypoint.proxy`` (composition), ``io.listeners`` (the listener hoo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 from dataclasses import replace
 from typing import Any
@@ -99,6 +101,10 @@ class WaypointServer:
     # -- listener hook ----------------------------------------------------------------------
 
     async def serve(self, lis: Any, sock: Any, remote: tuple[str, int]) -> None:
+        # small TLS records (response head, then body) must not wait for delayed ACKs:
+        # asyncio sets TCP_NODELAY only for sockets created with IPPROTO_TCP
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await self.hbone.handle(sock, remote)
 
     def _chain(self) -> tuple[Any, Any]:
