@@ -7,6 +7,8 @@
 * ``telemetry``   ``istio_tcp_*`` metrics with identity labels, access log lines
 * ``admin``       ``/ready``, ``/config_dump``, ``/stats/prometheus``, ``/quitquitquit``
 * ``handover``    restart without drops: listening sockets passed over a unix socket
+* ``inpod``       in-pod mode: listeners and marked connections inside each enrolled pod's
+                  network namespace, the runtime's control socket (add/remove/sync pods)
 
 Neighbours: ``dataplane.state`` (WDS stores), ``dataplane.hbone``, ``dataplane.xds``,
 ``cli.ztunnel``.
