@@ -1,6 +1,6 @@
-"""``isthmus proxy sidecar|router``: run the data-plane proxy (Envoy's role).
+"""``isthmus proxy sidecar|router|waypoint``: run the data-plane proxy (Envoy's role).
 
-    isthmus proxy sidecar|router --xds-address HOST:PORT --node-id ID --namespace NS
+    isthmus proxy sidecar|router|waypoint --xds-address HOST:PORT --node-id ID --namespace NS
         --labels k=v[,k=v] [--ip IP] [--admin-port 15000] [--concurrency N]
 
 Node metadata as pilot-agent sends it: NAMESPACE, LABELS, INSTANCE_IPS, SERVICE_ACCOUNT
@@ -50,7 +50,7 @@ def build_node(proxy_type: str, node_id: str | None, namespace: str, labels: dic
 
 
 @click.command("proxy")
-@click.argument("proxy_type", type=click.Choice(["sidecar", "router"]))
+@click.argument("proxy_type", type=click.Choice(["sidecar", "router", "waypoint"]))
 @click.option("--xds-address", required=True, help="Control plane ADS address HOST:PORT.")
 @click.option("--node-id", default=None, help="Node id (default TYPE~IP~POD.NS~NS.svc.cluster.local).")
 @click.option("--namespace", default="default", show_default=True)
@@ -75,12 +75,15 @@ def build_node(proxy_type: str, node_id: str | None, namespace: str, labels: dic
               help="Prometheus /stats/prometheus port (negative: off).")
 @click.option("--access-log-file", default="", help="Access log path (/dev/stdout; empty: off).")
 @click.option("--access-log-format", default=None, help="Envoy format string (default: Istio's).")
+@click.option("--hbone-address", default=None,
+              help="waypoint: bind the HBONE listener here (IP[:PORT]) instead of its LDS address.")
 def proxy(proxy_type: str, xds_address: str, node_id: str | None, namespace: str, labels: str,
           ip: str, pod_name: str | None, service_account: str, admin_port: int,
           admin_address: str, concurrency: int, xds_mode: str, drain_timeout: float,
           mark: int | None, log_level: str, certs_dir: str | None, sds_socket: str | None,
           health_port: int,
-          stats_port: int, access_log_file: str, access_log_format: str | None) -> None:
+          stats_port: int, access_log_file: str, access_log_format: str | None,
+          hbone_address: str | None = None) -> None:
     """Run a sidecar or router proxy fed by xDS."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -103,6 +106,11 @@ def proxy(proxy_type: str, xds_address: str, node_id: str | None, namespace: str
     obs = {"health_port": health_port if health_port >= 0 else None,
            "stats_port": stats_port if stats_port >= 0 else None,
            "access_log": _access_log(access_log_file, access_log_format)}
+    if proxy_type == "waypoint":  # dataplane.waypoint: single-pass HBONE -> L7 -> HBONE
+        if concurrency > 1:
+            raise click.BadParameter("a waypoint runs one process", param_hint="--concurrency")
+        host, _, port = (hbone_address or "").partition(":")  # IPv4[:PORT]
+        obs["waypoint"] = (host, int(port or 0)) if host else True
     asyncio.run(_run(xds_address, node, xds_mode, admin_address, admin_port, concurrency,
                      drain_timeout, mark, log_level, obs))
 
@@ -123,8 +131,18 @@ async def _run(xds_address: str, node, mode: str, admin_address: str,  # type: i
     from isthmus.dataplane.proxy.workers import WorkerPool
 
     core = ProxyCore(mark=mark, bind=concurrency == 1)
-    p = Proxy(xds_address, node, mode=mode, admin_port=admin_port, admin_host=admin_address,
-              drain_timeout=drain_timeout, core=core, **(obs or {}))
+    obs = dict(obs or {})
+    waypoint = obs.pop("waypoint", None)
+    if waypoint is not None:
+        from isthmus.dataplane.waypoint.proxy import WaypointProxy
+
+        p: Proxy = WaypointProxy(
+            xds_address, node, hbone_address=waypoint if waypoint is not True else None,
+            mode=mode, admin_port=admin_port, admin_host=admin_address,
+            drain_timeout=drain_timeout, core=core, **obs)
+    else:
+        p = Proxy(xds_address, node, mode=mode, admin_port=admin_port,
+                  admin_host=admin_address, drain_timeout=drain_timeout, core=core, **obs)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, p.request_stop)

@@ -128,7 +128,7 @@ class TunnelTransport(asyncio.Transport):
         t = self._tunnel
         try:
             return int(t.session.engine.buffered_amount(t.stream_id))
-        except Exception:  # stream already gone
+        except Exception:  # noqa: BLE001 - stream already gone
             return 0
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:

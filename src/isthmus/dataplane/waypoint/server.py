@@ -32,7 +32,6 @@ Neighbours: ``waypoint.proxy`` (composition), ``io.listeners`` (the listener hoo
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import socket

@@ -73,7 +73,7 @@ def cluster_tunnel(cluster_proto: Any) -> ClusterTunnel | None:
 def _item(items: tuple[tuple[str, str], ...], key: str) -> str:
     for k, v in items:
         if k == key:
-            return v[2:] if v.startswith("s:") else v
+            return v.removeprefix("s:")
     return ""
 
 
