@@ -8,6 +8,12 @@ from the host enters through the ``istio-ingressgateway`` router on a forwarded 
 port. Mesh config is applied the way a user does: ``isthmus apply -f`` with Istio's own
 sample files from ``/work/shared/istio-samples`` (skipped when absent) or inline YAML.
 
+Identity: every proxy pod's agent gets its certificate from the control plane's CA
+(``<state>/ca``); tests check the issuer and SPIFFE SAN of each, mTLS stats between
+sidecars, PeerAuthentication STRICT against a plaintext pod (``legacy/legacy``, no
+sidecar), an AuthorizationPolicy on reviews, and certificate rotation under traffic
+(``rotor``: ``isthmus.io/cert-ttl: 20s``, so its agent renews every ~10 s).
+
 Each test leaves the routing as it found it (deletes what it applied). The finalizer
 runs ``isthmus down`` and removes any namespace left with the cluster's prefix.
 """
