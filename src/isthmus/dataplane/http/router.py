@@ -87,6 +87,7 @@ _CONSUMED = frozenset((
     "x-envoy-max-retries", "x-envoy-retriable-status-codes", "x-envoy-retriable-header-names",
     "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-rq-per-try-timeout-ms",
     "x-envoy-expected-rq-timeout-ms", "x-envoy-hedge-on-per-try-timeout"))
+_SKIP_UP = _HOP | _CONSUMED
 _REFUSED_STREAM = 0x7  # HTTP/2 REFUSED_STREAM error code
 _RESP_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection",
                        b"transfer-encoding", b"upgrade"))
@@ -302,6 +303,20 @@ def _deadlines(loop: asyncio.AbstractEventLoop) -> _Deadlines:
     return q
 
 
+_HOST_STATS: dict[str, tuple[str, str, str]] = {}
+
+
+def _host_stat_names(key: str) -> tuple[str, str, str]:
+    """``host.<key>.rq_total`` / ``rq_success`` / ``rq_error``, built once per host."""
+    names = _HOST_STATS.get(key)
+    if names is None:
+        if len(_HOST_STATS) >= 65536:  # ORIGINAL_DST: any address; stay bounded
+            _HOST_STATS.clear()
+        hk = "host." + key + "."
+        names = _HOST_STATS[key] = (hk + "rq_total", hk + "rq_success", hk + "rq_error")
+    return names
+
+
 def _stop(task: asyncio.Task[Any] | None) -> None:
     if task is not None and not task.done():
         task.cancel()
@@ -339,17 +354,20 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
     retry = merged_retry_policy(action.retry_policy, hdict)
     timeout, per_try = request_timeouts(action.timeout_s, retry, hdict)
     # -- request head (static across attempts except the attempt count)
+    hmap: Mapping[str, Any] = hdict
     if decision.request_headers:
         hmap = apply_mutations(hdict, decision.request_headers, _fc(st, hdict))
-    else:
-        hmap = {k: [v] if isinstance(v, str) else v for k, v in hdict.items()}
     up_headers: list[tuple[bytes, bytes]] = []
+    append = up_headers.append
     for k, vs in hmap.items():
-        if k in _HOP or k in _CONSUMED:
+        if k in _SKIP_UP:
             continue
         kb = k.encode("latin-1")
-        for v in vs:
-            up_headers.append((kb, v.encode("latin-1")))
+        if type(vs) is str:
+            append((kb, vs.encode("latin-1")))
+        else:
+            for v in vs:
+                append((kb, v.encode("latin-1")))
     expected = per_try or timeout
     if expected:
         up_headers.append((b"x-envoy-expected-rq-timeout-ms", str(int(expected * 1000)).encode()))
@@ -413,12 +431,13 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
                     cs.inc("upstream_cx_none_healthy")
                     local_reply(st, 503, b"no healthy upstream", "UH")
                     return
-                attempted.append(host.key)
-                st.upstream_host = host.key  # %UPSTREAM_HOST% / destination labels
-                cluster.rq_start(host.key)
-                active = host.key
-                hk = "host." + host.key + "."
-                cs.inc(hk + "rq_total")
+                hkey = host.key
+                attempted.append(hkey)
+                st.upstream_host = hkey  # %UPSTREAM_HOST% / destination labels
+                cluster.rq_start(hkey)
+                active = hkey
+                hk = _host_stat_names(hkey)
+                cs.inc(hk[0])
                 pool = pool_for(cluster, host.address, host.port)
                 headers = up_headers
                 if include_count:
@@ -474,9 +493,9 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
                 # -- outlier detection, host stats
                 if outcome.status is not None:
                     cluster.record(host, outcome.status)
-                    cs.inc(hk + ("rq_error" if outcome.status >= 500 else "rq_success"))
+                    cs.inc(hk[2] if outcome.status >= 500 else hk[1])
                 else:
-                    cs.inc(hk + "rq_error")
+                    cs.inc(hk[2])
                     if outcome.reset is Reset.RESET or outcome.reset is Reset.REFUSED_STREAM:
                         cluster.record(host, LocalOrigin.CONNECT_FAILED)
                 # -- retry? (Envoy's resetRetry: the retry slot of the previous retry is
@@ -494,7 +513,7 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
                         if conn is not None:
                             pool.release(conn, reusable=False)
                             conn = None
-                        cluster.rq_finish(host.key)
+                        cluster.rq_finish(hkey)
                         active = None
                         retry_held = cluster.resources.try_acquire(Resource.RETRIES)
                         await asyncio.sleep(decision_r.backoff_s)
