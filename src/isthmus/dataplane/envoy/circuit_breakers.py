@@ -64,6 +64,26 @@ class Thresholds:
         return cls(**kw)
 
 
+_LIMITS: dict[Thresholds, dict[Resource, int | None]] = {}
+
+
+def _limits_for(t: Thresholds) -> dict[Resource, int | None]:
+    """Static limits per resource (None: retry budget), one shared read-only dict per
+    distinct Thresholds (most clusters have the same ones)."""
+    lim = _LIMITS.get(t)
+    if lim is None:
+        if len(_LIMITS) >= 1024:
+            _LIMITS.clear()
+        lim = _LIMITS[t] = {
+            Resource.CONNECTIONS: t.max_connections,
+            Resource.PENDING_REQUESTS: t.max_pending_requests,
+            Resource.REQUESTS: t.max_requests,
+            Resource.RETRIES: t.max_retries if t.retry_budget_percent is None else None,
+            Resource.CONNECTION_POOLS: t.max_connection_pools,
+        }
+    return lim
+
+
 class ResourceManager:
     """Counters for one priority. Not thread-safe: one per worker process, like Envoy's
     per-cluster (process-wide) counters approximated per worker.
@@ -76,14 +96,7 @@ class ResourceManager:
     def __init__(self, thresholds: Thresholds) -> None:
         self.thresholds = thresholds
         self._used = {r: 0 for r in Resource}
-        t = thresholds
-        self._limits: dict[Resource, int | None] = {
-            Resource.CONNECTIONS: t.max_connections,
-            Resource.PENDING_REQUESTS: t.max_pending_requests,
-            Resource.REQUESTS: t.max_requests,
-            Resource.RETRIES: t.max_retries if t.retry_budget_percent is None else None,
-            Resource.CONNECTION_POOLS: t.max_connection_pools,
-        }
+        self._limits = _limits_for(thresholds)
 
     def limit(self, r: Resource) -> int:
         lim = self._limits[r]

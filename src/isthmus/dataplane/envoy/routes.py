@@ -30,8 +30,9 @@ own randoms at the call site (``FaultPolicy.evaluate``, ``MirrorPolicy.should_mi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from envoy.config.route.v3 import route_components_pb2 as rc_pb
 from envoy.config.route.v3 import route_pb2
@@ -507,6 +508,29 @@ def _weighted(ctx: Ctx, wc: Any, path: str) -> WeightedClusters:
     return WeightedClusters(tuple(out), total, wc.header_name.lower(), tuple(bounds))
 
 
+# Identical compiled policies (Istio repeats the same retry policy and action on most
+# routes) are shared within one RouteConfiguration: set while ``from_proto`` runs.
+_INTERNED: ContextVar[dict[Any, Any] | None] = ContextVar("isthmus_routes_interned",
+                                                          default=None)
+_T = TypeVar("_T")
+
+
+def _intern(obj: _T, key: Any = None) -> _T:
+    table = _INTERNED.get()
+    if table is None:
+        return obj
+    k = obj if key is None else key
+    try:
+        return table.setdefault(k, obj)  # type: ignore[no-any-return]
+    except TypeError:  # unhashable (e.g. holds a dict): not shared
+        return obj
+
+
+def _intern_action(a: RouteAction) -> RouteAction:
+    key = tuple(getattr(a, f) for f in RouteAction.__dataclass_fields__ if f != "upgrades")
+    return _intern(a, (RouteAction, key, tuple(sorted(a.upgrades.items()))))
+
+
 def _action(ctx: Ctx, a: Any, path: str, vh_retry: RetryPolicy | None,
             inherited_mirrors: tuple[MirrorPolicy, ...], kind: int) -> RouteAction:
     ctx.only(a, _ACTION_FIELDS, path)
@@ -544,8 +568,8 @@ def _action(ctx: Ctx, a: Any, path: str, vh_retry: RetryPolicy | None,
         kw["timeout_s"] = t if t > 0 else None
     kw["idle_timeout_s"] = opt_duration_s(a, "idle_timeout")
     if a.HasField("retry_policy"):
-        kw["retry_policy"] = RetryPolicy.from_proto(ctx, a.retry_policy,
-                                                    join(path, "retry_policy"))
+        kw["retry_policy"] = _intern(RetryPolicy.from_proto(ctx, a.retry_policy,
+                                                            join(path, "retry_policy")))
     else:
         kw["retry_policy"] = vh_retry
     if a.request_mirror_policies:
@@ -571,7 +595,7 @@ def _action(ctx: Ctx, a: Any, path: str, vh_retry: RetryPolicy | None,
         ctx.only(u, {"upgrade_type", "enabled"}, p)
         ups[u.upgrade_type.lower()] = wrapped(u, "enabled", True)
     kw["upgrades"] = ups
-    return RouteAction(**kw)
+    return _intern_action(RouteAction(**kw))
 
 
 def _redirect(ctx: Ctx, r: Any, path: str, kind: int) -> Redirect:
@@ -676,7 +700,7 @@ def _route(ctx: Ctx, r: Any, path: str, vh: Any, vh_name: str, vh_req: HeaderMut
     if most_specific_wins:  # apply least specific first so the route's values land last
         levels_req, levels_resp = levels_req[::-1], levels_resp[::-1]
     route_filters = _compile_per_filter(ctx, r.typed_per_filter_config, path)
-    per_filter = {**vh_filters, **route_filters}
+    per_filter = {**vh_filters, **route_filters} if route_filters else vh_filters  # shared
     cors = None
     for fv in route_filters.values():
         if isinstance(fv, CorsPolicy):
@@ -856,6 +880,14 @@ class RouteTable:
 
     @classmethod
     def from_proto(cls, rc: route_pb2.RouteConfiguration) -> RouteTable:
+        token = _INTERNED.set({})
+        try:
+            return cls._from_proto(rc)
+        finally:
+            _INTERNED.reset(token)
+
+    @classmethod
+    def _from_proto(cls, rc: route_pb2.RouteConfiguration) -> RouteTable:
         ctx = Ctx(rc.name)
         ctx.only(rc, _RC_FIELDS, "")
         max_body = wrapped(rc, "max_direct_response_body_size_bytes",
@@ -885,7 +917,8 @@ class RouteTable:
                     vh_cors = v
             if vh.HasField("cors") and vh_cors is None:
                 vh_cors = CorsPolicy.from_proto(ctx, vh.cors, join(vpath, "cors"))
-            vh_retry = RetryPolicy.from_proto(ctx, vh.retry_policy, join(vpath, "retry_policy")) \
+            vh_retry = _intern(RetryPolicy.from_proto(ctx, vh.retry_policy,
+                                                      join(vpath, "retry_policy"))) \
                 if vh.HasField("retry_policy") else None
             mirrors = tuple(
                 MirrorPolicy.from_proto(ctx, m, f"{join(vpath, 'request_mirror_policies')}[{i}]")
