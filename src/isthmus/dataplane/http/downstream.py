@@ -8,8 +8,14 @@ backlog is over its high watermark or the codec has too many pipelined requests,
 responses wait in ``drain()`` while the socket's write buffer is full.
 
 Connection lifetime: idle timeout between requests (HCM ``common_http_protocol_options``
-``idle_timeout``), ``max_requests_per_connection``, and drain (``start_drain``): no new
-requests; the last in-flight response carries ``Connection: close``.
+``idle_timeout``), ``max_requests_per_connection``, and drain (``start_drain``). Server
+drain (``start_drain()``): no new requests; the last in-flight response carries
+``Connection: close``, an idle connection closes at once. Listener drain (an LDS update
+changed or removed the connection's filter chain: ``start_drain(grace)``, Envoy's HCM
+drain sequence): the next response (the in-flight one if not started yet) carries
+``Connection: close`` and the connection closes after it; a connection still idle after
+``grace`` (the HCM ``drain_timeout``) closes. ``ConnContext.drain_group`` is the
+listener's per-filter-chain connection set (``io.listeners.DrainGroup``).
 
 HTTP/2: ``make_downstream(ctx, handler, protocol)`` is the entry point for an HCM chain:
 ``protocol`` is what was negotiated (ALPN ``"h2"`` / ``"http/1.1"``, or ``"h2c"`` from
@@ -63,6 +69,9 @@ class ConnContext:
     original_dst: tuple[str, int] | None = None
     alpn: str = ""  # negotiated by TLS ("h2", "http/1.1") or "" (plaintext)
     tls: Any = None  # io.tls.TlsInfo of a terminated TLS connection
+    #: io.listeners.DrainGroup of the connection's filter chain (LDS-update drain); the
+    #: live protocol object (HTTP/1, or HTTP/2 after an h2c hand-over) is its member
+    drain_group: Any = None
 
 
 class DownstreamStream:
@@ -177,6 +186,8 @@ class Http1Downstream(asyncio.Protocol):
         self._activity: asyncio.TimerHandle | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._life: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._drain_next = False  # listener drain: the next request's response closes
         self._tracker = ctx.proxy.connections
         self._http_stats = ctx.proxy.stats.scope(f"http.{hcm.stat_prefix}.")
 
@@ -192,6 +203,9 @@ class Http1Downstream(asyncio.Protocol):
             self._life = self._loop.call_later(self._max_duration, self._max_duration_reached)
         if self.ctx.proxy.draining:
             self.start_drain()
+        group = self.ctx.drain_group
+        if group is not None and not self.closed:
+            group.add(self)  # drains it at once when the chain is already draining
 
     def data_received(self, data: bytes) -> None:
         self._last = self._loop.time()
@@ -232,6 +246,8 @@ class Http1Downstream(asyncio.Protocol):
         assert t is not None
         self.closed = True  # this protocol object is done; the connection is not
         self._tracker.discard(self)
+        if self.ctx.drain_group is not None:
+            self.ctx.drain_group.discard(self)  # the H2Downstream joins in its place
         self._http_stats.add("downstream_cx_active", -1)
         self._cancel_timers()
         h2 = H2Downstream(self.ctx, self.handler, counted=True)
@@ -250,6 +266,8 @@ class Http1Downstream(asyncio.Protocol):
             return
         self.closed = True
         self._tracker.discard(self)
+        if self.ctx.drain_group is not None:
+            self.ctx.drain_group.discard(self)
         self._http_stats.add("downstream_cx_active", -1)
         self._cancel_timers()
         for st in list(self.streams.values()):
@@ -343,6 +361,8 @@ class Http1Downstream(asyncio.Protocol):
         if max_rq is not None and self.requests >= max_rq:
             self._http_stats.inc("downstream_cx_max_requests_reached")
             self.codec.close()
+        elif self._drain_next:
+            self.codec.close()  # listener drain: this response says Connection: close
         st = DownstreamStream(self, head)
         self.streams[st.sid] = st
         hcm = self.ctx.hcm
@@ -442,16 +462,49 @@ class Http1Downstream(asyncio.Protocol):
             self._http_stats.inc("downstream_cx_idle_timeout")
             self.transport.close()
 
-    def start_drain(self) -> None:
-        """Stop taking requests: close now if idle, else after the in-flight responses."""
+    def start_drain(self, grace: float | None = None) -> None:
+        """Drain the connection.
+
+        ``grace`` None (server drain, ``max_connection_duration``): stop taking requests;
+        close now if idle, else after the in-flight responses (the last one says
+        ``Connection: close``).
+
+        ``grace`` seconds (listener drain after an LDS update, Envoy's HCM drain
+        sequence): a keep-alive client may have a request on the way, so an idle
+        connection stays open: the next response (an in-flight one not started yet, else
+        the next request's) carries ``Connection: close`` and the connection closes after
+        it; one with nothing to answer after ``grace`` closes.
+        """
+        if self.closed:
+            return
+        if grace is None:
+            self.codec.close()
+            if not self.streams and self.transport is not None:
+                self.transport.close()
+            return
+        if self._drain_next or self._drain_timer is not None:
+            return  # already draining
+        self._http_stats.inc("downstream_cx_drain_close")
+        self._drain_next = True
+        if any(not st.response_started for st in self.streams.values()):
+            self.codec.close()  # the last in-flight response says Connection: close
+            self.flush()
+        self._drain_timer = self._loop.call_later(max(0.0, grace), self._drain_expired)
+
+    def _drain_expired(self) -> None:
+        """Envoy's HCM ``drain_timeout`` ran out: no more requests; close once idle."""
+        self._drain_timer = None
+        if self.closed:
+            return
         self.codec.close()
         if not self.streams and self.transport is not None:
+            self.flush()
             self.transport.close()
 
     # -- timeouts (HCM) ---------------------------------------------------------------------
 
     def _cancel_timers(self) -> None:
-        for name in ("_idle_handle", "_activity", "_head_timer", "_life"):
+        for name in ("_idle_handle", "_activity", "_head_timer", "_life", "_drain_timer"):
             h = getattr(self, name)
             if h is not None:
                 h.cancel()

@@ -23,7 +23,8 @@ Limits: ``max_concurrent_streams`` (HCM ``http2_protocol_options``; extra stream
 refused with REFUSED_STREAM), header list size (``max_request_headers_kb``), initial
 stream/connection windows, ``max_requests_per_connection`` (then GOAWAY). Lifetime: idle
 timeout without streams; ``start_drain`` sends GOAWAY (NO_ERROR, last stream id): open
-streams finish, then the connection closes. Resets both ways: a client RST_STREAM
+streams finish, then the connection closes (server drain, ``max_connection_duration``, and
+listener drain when an LDS update changed or removed the connection's filter chain). Resets both ways: a client RST_STREAM
 cancels the stream's task (the router then resets its upstream stream or closes its
 HTTP/1 connection); ``reset()`` sends RST_STREAM.
 Neighbours: ``downstream`` (HTTP/1, ``make_downstream``), ``conn_manager``, ``router``.
@@ -231,6 +232,9 @@ class H2Downstream(asyncio.Protocol):
             self._life = self._loop.call_later(self._max_duration, self._max_duration_reached)
         if self.ctx.proxy.draining:
             self.start_drain()
+        group = getattr(self.ctx, "drain_group", None)
+        if group is not None and not self.closed:
+            group.add(self)  # GOAWAY at once when the chain is already draining
 
     def data_received(self, data: bytes) -> None:
         if self._start is not None:
@@ -266,6 +270,9 @@ class H2Downstream(asyncio.Protocol):
             return
         self.closed = True
         self._tracker.discard(self)
+        group = getattr(self.ctx, "drain_group", None)
+        if group is not None:
+            group.discard(self)
         self._http_stats.add("downstream_cx_active", -1)
         self._http_stats.add("downstream_cx_http2_active", -1)
         for h in (self._idle_handle, self._activity, self._life):
@@ -482,8 +489,10 @@ class H2Downstream(asyncio.Protocol):
             self._http_stats.inc("downstream_cx_max_duration_reached")
             self.start_drain()
 
-    def start_drain(self) -> None:
-        """GOAWAY (NO_ERROR): no new streams; close once the open ones finish."""
+    def start_drain(self, grace: float | None = None) -> None:
+        """GOAWAY (NO_ERROR): no new streams; close once the open ones finish.
+        (``grace``, the HCM drain_timeout of a listener drain, does not matter here: the
+        GOAWAY tells the client at once, idle or not.)"""
         if self.closed:
             return
         self._http_stats.inc("downstream_cx_drain_close")

@@ -28,6 +28,19 @@ Per accepted connection (``_serve``), in Envoy's order:
      sides are plain, else the transport relay (``io.tls.relay_transports``);
      HCM: an ``Http1Downstream`` protocol on the socket or the TLS transport, whose
      ``ConnContext`` carries the negotiated ALPN and ``TlsInfo``.
+LDS updates drain what they change (Envoy's "filter chain only update" and listener
+drain, ``--drain-strategy immediate`` as Istio runs it): every accepted connection joins
+the ``DrainGroup`` of (listener name, digest of the listener proto without its filter
+chains, digest of its FilterChain proto). ``apply`` drains the groups the new runtime no
+longer has: a removed listener or a listener-level change drains all its connections, a
+changed or removed chain only that chain's, an unchanged (protobuf-equal) chain none.
+HTTP connections drain at once (HTTP/1: the next response says ``Connection: close`` and
+the connection closes after it, an idle one closes after the HCM ``drain_timeout``;
+HTTP/2: GOAWAY NO_ERROR, open streams finish); whatever is still open after
+``drain_time_s`` (Envoy ``--drain-time-s``, Istio's ``drainDuration``; tcp_proxy
+connections included) is closed, as Envoy does when it destroys the old filter chain.
+So a changed policy (e.g. RBAC in the chain) reaches keep-alive connections too.
+
 A listener named in ``core.listener_hooks`` (name -> ``async (listener, socket, remote)``)
 is handed the accepted socket right away instead: the waypoint serves its
 ``connect_terminate`` HBONE listener that way (``dataplane.waypoint``), while binding,
@@ -37,9 +50,12 @@ LDS updates and drain stay here.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,6 +241,120 @@ async def inspect(sock: socket.socket, lis: CompiledListener) -> Inspection:
         await asyncio.sleep(min(PEEK_POLL_S, remaining))  # more bytes of a started head
 
 
+# --------------------------------------------------------------------------- drain
+
+#: Istio's default ``drainDuration`` (Envoy ``--drain-time-s``): how long connections of
+#: a changed or removed filter chain may live before they are closed
+DEFAULT_DRAIN_TIME_S = 45.0
+_serial = itertools.count(1)
+
+DrainKey = tuple[str, bytes, bytes]  # (listener name, listener digest, chain digest)
+
+
+def _digest(msg: Any) -> bytes:
+    return hashlib.blake2b(msg.SerializeToString(deterministic=True), digest_size=16).digest()
+
+
+@dataclass(slots=True)
+class ListenerSignature:
+    """Digests that say whether an LDS update changed a listener and which chains."""
+
+    lis: CompiledListener  # held so that the ids below stay valid
+    listener: bytes  # the listener proto without filter_chains / default_filter_chain
+    chains: dict[int, bytes]  # id(FilterChain) -> digest of its FilterChain proto
+
+
+def listener_signature(lis: CompiledListener) -> ListenerSignature:
+    proto = lis.proto
+    if proto is None:  # built without a proto (tests): every object is its own config
+        n = next(_serial)
+        chains = {id(c): b"chain%d.%d" % (n, i) for i, c in enumerate(lis.chains)}
+        if lis.default_chain is not None:
+            chains[id(lis.default_chain)] = b"default%d" % n
+        return ListenerSignature(lis, b"listener%d" % n, chains)
+    outer = type(proto)()
+    outer.CopyFrom(proto)
+    outer.ClearField("filter_chains")
+    outer.ClearField("default_filter_chain")
+    chains = {id(c): _digest(fc) for c, fc in zip(lis.chains, proto.filter_chains, strict=False)}
+    if lis.default_chain is not None:
+        chains[id(lis.default_chain)] = b"default:" + _digest(proto.default_filter_chain)
+    return ListenerSignature(lis, _digest(outer), chains)
+
+
+class DrainGroup:
+    """The live connections accepted on one filter chain of one listener configuration.
+
+    Members are HTTP protocols (``Http1Downstream`` / ``H2Downstream``, which join and
+    leave through ``ConnContext.drain_group``) and tcp_proxy connections; each has
+    ``start_drain(grace)`` and is closed by ``close_member`` when the drain ends.
+    A member joining a draining group (accepted under the old config while the update
+    was applied) starts draining at once."""
+
+    __slots__ = ("closer", "draining", "grace", "key", "members", "on_empty")
+
+    def __init__(self, key: DrainKey, grace: float) -> None:
+        self.key = key
+        self.grace = grace  # the HCM drain_timeout (HTTP/1: how long an idle one stays)
+        self.members: set[Any] = set()
+        self.draining = False
+        self.closer: asyncio.TimerHandle | None = None
+        self.on_empty: Callable[[DrainGroup], None] | None = None
+
+    def add(self, member: Any) -> None:
+        self.members.add(member)
+        if self.draining:
+            member.start_drain(self.grace)
+
+    def discard(self, member: Any) -> None:
+        self.members.discard(member)
+        if self.draining and not self.members and self.on_empty is not None:
+            self.on_empty(self)
+
+    def start_drain(self) -> None:
+        self.draining = True
+        for m in list(self.members):
+            try:
+                m.start_drain(self.grace)
+            except Exception:
+                log.exception("draining a connection failed")
+
+    @staticmethod
+    def close_member(member: Any) -> None:
+        close = getattr(member, "abort", None)
+        if close is not None:
+            close()
+            return
+        t = getattr(member, "transport", None)
+        if t is not None:
+            t.abort()
+
+
+class _TcpConn:
+    """A tcp_proxy connection as a drain group member: Envoy's tcp_proxy ignores the
+    drain itself; the connection is closed when the drain ends."""
+
+    __slots__ = ("sock", "task")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.task = asyncio.current_task()
+
+    def start_drain(self, grace: float | None = None) -> None:
+        pass
+
+    def abort(self) -> None:
+        try:  # both relay directions see EOF / EPIPE and end (bytes still counted)
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            if self.task is not None and not self.task.done():
+                self.task.cancel()
+
+
+def _hcm_grace(chain: FilterChain) -> float:
+    return chain.hcm.drain_timeout_s if chain.hcm is not None else 0.0
+
+
 # --------------------------------------------------------------------------- listeners
 
 
@@ -264,10 +394,17 @@ class ListenerManager:
         self.bind_errors: dict[str, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.accepting = True
+        #: seconds a drained chain's connections may live (Envoy --drain-time-s)
+        self.drain_time_s = float(getattr(core, "listener_drain_time_s", DEFAULT_DRAIN_TIME_S))
+        self._sigs: dict[str, ListenerSignature] = {}  # current listeners by name
+        self._groups: dict[DrainKey, DrainGroup] = {}  # groups of the current config
+        self._current: set[DrainKey] | None = None
+        self.draining_groups: set[DrainGroup] = set()
 
     def apply(self, runtime: Any) -> None:
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
+        self._drain_changed(runtime)
         desired: dict[tuple[str, int], CompiledListener] = {}
         for lis in runtime.listeners.values():
             if lis.bind_to_port:
@@ -294,6 +431,81 @@ class ListenerManager:
             self.bound[key] = b
             loop.add_reader(sock.fileno(), self._on_accept, b)
             log.info("listener %s bound on %s:%d", lis.name, lis.address, b.port)
+
+    # -- LDS drain --------------------------------------------------------------------------
+
+    def _signature(self, lis: CompiledListener) -> ListenerSignature:
+        sig = self._sigs.get(lis.name)
+        if sig is not None and sig.lis is lis:
+            return sig
+        return listener_signature(lis)
+
+    def _drain_changed(self, runtime: Any) -> None:
+        """Drain the connections of chains the new runtime no longer has."""
+        sigs: dict[str, ListenerSignature] = {}
+        current: set[DrainKey] = set()
+        for name, lis in runtime.listeners.items():
+            sig = self._signature(lis)
+            sigs[name] = sig
+            for d in sig.chains.values():
+                current.add((name, sig.listener, d))
+        self._sigs = sigs
+        self._current = current
+        for key in [k for k in self._groups if k not in current]:
+            self._drain(self._groups.pop(key))
+
+    def drain_group(self, lis: CompiledListener, chain: FilterChain) -> DrainGroup | None:
+        """The group a new connection on ``chain`` of ``lis`` joins."""
+        sig = self._signature(lis)
+        d = sig.chains.get(id(chain))
+        if d is None:
+            return None
+        key = (lis.name, sig.listener, d)
+        g = self._groups.get(key)
+        if g is None:
+            g = DrainGroup(key, _hcm_grace(chain))
+            if self._current is not None and key not in self._current:
+                self._drain(g)  # accepted under a config replaced meanwhile
+            else:
+                self._groups[key] = g
+        return g
+
+    def _drain(self, g: DrainGroup) -> None:
+        if g.draining:
+            return
+        n = len(g.members)
+        if n:
+            log.info("listener %s: draining %d connection(s) of a changed or removed filter "
+                     "chain", g.key[0], n)
+        self.draining_groups.add(g)
+        self.core.stats.set("listener_manager.total_filter_chains_draining",
+                            len(self.draining_groups))
+        g.on_empty = self._drain_done
+        loop = self._loop or asyncio.get_running_loop()
+        g.closer = loop.call_later(self.drain_time_s, self._drain_done, g)
+        g.start_drain()
+
+    def _drain_done(self, g: DrainGroup) -> None:
+        """The drain time ran out (close what is left) or the last connection left."""
+        if g not in self.draining_groups:
+            return
+        self.draining_groups.discard(g)
+        self.core.stats.set("listener_manager.total_filter_chains_draining",
+                            len(self.draining_groups))
+        if g.closer is not None:
+            g.closer.cancel()
+            g.closer = None
+        g.on_empty = None
+        left = list(g.members)
+        g.members.clear()
+        if left:
+            log.info("listener %s: closing %d connection(s) still open after the drain",
+                     g.key[0], len(left))
+        for m in left:
+            try:
+                g.close_member(m)
+            except Exception:
+                log.exception("closing a drained connection failed")
 
     def port_of(self, name: str) -> int | None:
         for b in self.bound.values():
@@ -382,17 +594,26 @@ class ListenerManager:
                                       dst, d, insp.sni)
                 return
             if chain.tcp_proxy is not None:
-                rec = ConnRecord(target.name, local, remote_a, insp.sni)
-                if (chain.rbac is not None or chain.ext_authz is not None) and \
-                        not await self._authorize(chain, rec, local, remote_a, dst, None):
-                    return
-                await self._tcp_proxy(chain.tcp_proxy, sock, d, rec=rec)
+                group = self.drain_group(target, chain)
+                member = _TcpConn(sock)
+                if group is not None:
+                    group.add(member)
+                try:
+                    rec = ConnRecord(target.name, local, remote_a, insp.sni)
+                    if (chain.rbac is not None or chain.ext_authz is not None) and \
+                            not await self._authorize(chain, rec, local, remote_a, dst, None):
+                        return
+                    await self._tcp_proxy(chain.tcp_proxy, sock, d, rec=rec)
+                finally:
+                    if group is not None:
+                        group.discard(member)
                 return
             assert chain.hcm is not None
             from isthmus.dataplane.http.conn_manager import handle_stream
             from isthmus.dataplane.http.downstream import ConnContext, Http1Downstream
 
             ctx = ConnContext(core, target, chain.hcm, local, remote_a, dst)
+            ctx.drain_group = self.drain_group(target, chain)
             loop = asyncio.get_running_loop()
             await loop.connect_accepted_socket(lambda: Http1Downstream(ctx, handle_stream), sock)
             handed = True
@@ -413,23 +634,16 @@ class ListenerManager:
         lstats = core.stats.scope(f"listener.{lis.address}_{lis.port}.")
         peer = f"{remote[0]}:{remote[1]}"
         if chain.tcp_proxy is not None:
-            pipe = tlsio.new_pipe()
+            group = self.drain_group(target, chain)
+            member = _TcpConn(sock)
+            if group is not None:
+                group.add(member)
             try:
-                _, _, pipe.info = await tlsio.terminate(  # info: peer identity for policy
-                    sock, tls, peer, lambda info: pipe, chain.handshake_timeout_s, sni=sni)
-            except tlsio.TlsHandshakeError as exc:
-                self._tls_failed(lstats, exc)
-                return
-            lstats.inc("ssl.handshake")
-            rec = ConnRecord(target.name, local, remote, sni)
-            info = pipe.info
-            rec.peer_principal = info.peer_identity if info is not None else ""
-            if (chain.rbac is not None or chain.ext_authz is not None) and \
-                    not await self._authorize(chain, rec, local, remote, dst, info):
-                if pipe.transport is not None and not pipe.lost:
-                    pipe.transport.abort()
-                return
-            await self._tcp_proxy(chain.tcp_proxy, sock, d, down_pipe=pipe, rec=rec)
+                await self._serve_tls_tcp(target, chain, tls, sock, local, remote, dst, d,
+                                          sni, lstats, peer)
+            finally:
+                if group is not None:
+                    group.discard(member)
             return
         assert chain.hcm is not None
         from isthmus.dataplane.http import downstream
@@ -437,11 +651,13 @@ class ListenerManager:
 
         hcm = chain.hcm
         make = getattr(downstream, "make_downstream", None)
+        group = self.drain_group(target, chain)
 
         def choose(info: Any) -> asyncio.Protocol:
             ctx = downstream.ConnContext(core, target, hcm, local, remote, dst)
             ctx.alpn = info.alpn
             ctx.tls = info
+            ctx.drain_group = group
             if make is not None:  # picks HTTP/2 for ALPN h2
                 return make(ctx, handle_stream, info.alpn or None)  # type: ignore[no-any-return]
             return downstream.Http1Downstream(ctx, handle_stream)
@@ -455,6 +671,33 @@ class ListenerManager:
             self._tls_failed(lstats, exc)
             return
         lstats.inc("ssl.handshake")
+
+    async def _serve_tls_tcp(self, target: CompiledListener,
+                             chain: FilterChain, tls: TlsContextConfig, sock: socket.socket,
+                             local: tuple[str, int], remote: tuple[str, int],
+                             dst: tuple[str, int] | None, d: tuple[str, int], sni: str,
+                             lstats: Any, peer: str) -> None:
+        """TLS termination then tcp_proxy."""
+        from isthmus.dataplane.io import tls as tlsio
+
+        assert chain.tcp_proxy is not None
+        pipe = tlsio.new_pipe()
+        try:
+            _, _, pipe.info = await tlsio.terminate(  # info: peer identity for policy
+                sock, tls, peer, lambda info: pipe, chain.handshake_timeout_s, sni=sni)
+        except tlsio.TlsHandshakeError as exc:
+            self._tls_failed(lstats, exc)
+            return
+        lstats.inc("ssl.handshake")
+        rec = ConnRecord(target.name, local, remote, sni)
+        info = pipe.info
+        rec.peer_principal = info.peer_identity if info is not None else ""
+        if (chain.rbac is not None or chain.ext_authz is not None) and \
+                not await self._authorize(chain, rec, local, remote, dst, info):
+            if pipe.transport is not None and not pipe.lost:
+                pipe.transport.abort()
+            return
+        await self._tcp_proxy(chain.tcp_proxy, sock, d, down_pipe=pipe, rec=rec)
 
     @staticmethod
     def _tls_failed(lstats: Any, exc: Any) -> None:
@@ -569,8 +812,15 @@ class ListenerManager:
             key = f"{host_addr[0]}:{host_addr[1]}"
             up = None
             up_pipe = None
+            # HOOK (dataplane.waypoint.upstream.HbonePoolMap): a host reached through an
+            # HBONE tunnel (ambient destination) gives a relay side over the tunnel
+            tcp_tunnel = getattr(cluster.pools, "tcp_tunnel", None)
+            open_tunnel = tcp_tunnel(host, host_addr) if tcp_tunnel is not None else None
             for attempt in range(tp.max_connect_attempts):
                 try:
+                    if open_tunnel is not None:
+                        up_pipe = await open_tunnel()
+                        break
                     up = await connect(host_addr[0], host_addr[1],
                                        cluster.config.connect_timeout_s, core.mark,
                                        cluster.config.source_address)
