@@ -136,24 +136,70 @@ def test_pending_request_wakes_when_another_hosts_connection_closes() -> None:
 
 def test_first_connection_of_an_empty_pool_is_always_allowed_and_counts_overflow() -> None:
     async def body() -> None:
-        a, b = TcpSink(), TcpSink()
-        pa, pb = await a.start(), await b.start()
-        cl = make_cluster(pa, pb, max_connections=1, max_pending=0)
-        ca = await pool_for(cl, "127.0.0.1", pa).acquire()
-        cb = await pool_for(cl, "127.0.0.1", pb).acquire()  # over the limit: first one
-        assert cl.stats.get("upstream_cx_overflow") == 1
-        assert cl.resources.in_use(Resource.CONNECTIONS) == 2
         from isthmus.dataplane.io.pools import PoolOverflow
 
-        try:  # B now has a connection: no pending room either -> UO
-            await pool_for(cl, "127.0.0.1", pb).acquire()
+        a, b = TcpSink(), TcpSink()
+        pa, pb = await a.start(), await b.start()
+        cl = make_cluster(pa, pb, max_connections=1, max_pending=1)
+        pool_a, pool_b = pool_for(cl, "127.0.0.1", pa), pool_for(cl, "127.0.0.1", pb)
+        ca = await pool_a.acquire()
+        cb = await pool_b.acquire()  # over the limit: an empty pool's first connection
+        assert cl.stats.get("upstream_cx_overflow") == 1
+        assert cl.resources.in_use(Resource.CONNECTIONS) == 2
+        assert cl.resources.in_use(Resource.PENDING_REQUESTS) == 0
+        # B has a connection now: the next request takes the one pending slot and its
+        # blocked attempt to open a connection counts upstream_cx_overflow
+        waiting = asyncio.ensure_future(pool_b.acquire())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        assert cl.stats.get("upstream_cx_overflow") == 2
+        assert cl.stats.get("upstream_rq_pending_total") == 1
+        try:  # no pending room either: UO, counted as pending overflow only
+            await pool_b.acquire()
             raise AssertionError("expected PoolOverflow")
         except PoolOverflow:
             pass
         assert cl.stats.get("upstream_rq_pending_overflow") == 1
         assert cl.stats.get("upstream_cx_overflow") == 2
-        pool_for(cl, "127.0.0.1", pa).release(ca, reusable=False)
-        pool_for(cl, "127.0.0.1", pb).release(cb, reusable=False)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        pool_a.release(ca, reusable=False)
+        pool_b.release(cb, reusable=False)
+        assert await until(lambda: cl.resources.in_use(Resource.CONNECTIONS) == 0)
+        assert cl.resources.in_use(Resource.PENDING_REQUESTS) == 0
+        a.stop()
+        b.stop()
+
+    run(body)
+
+
+def test_pending_overflow_is_not_also_counted_as_connection_overflow() -> None:
+    """Envoy checks pending room before trying to open a connection: a request refused
+    for max_pending_requests counts upstream_rq_pending_overflow only (the bug counted
+    upstream_cx_overflow as well), even for an empty pool at the connection limit."""
+
+    async def body() -> None:
+        from isthmus.dataplane.io.pools import PoolOverflow
+
+        a, b = TcpSink(), TcpSink()
+        pa, pb = await a.start(), await b.start()
+        cl = make_cluster(pa, pb, max_connections=1, max_pending=0)
+        pool_a, pool_b = pool_for(cl, "127.0.0.1", pa), pool_for(cl, "127.0.0.1", pb)
+        ca = await pool_a.acquire()  # within the breaker: not pending
+        assert cl.stats.get("upstream_cx_overflow") == 0
+        for pool in (pool_a, pool_b, pool_a):  # busy pool, empty pool, busy pool
+            try:
+                await pool.acquire()
+                raise AssertionError("expected PoolOverflow")
+            except PoolOverflow:
+                pass
+        assert cl.stats.get("upstream_rq_pending_overflow") == 3
+        assert cl.stats.get("upstream_cx_overflow") == 0
+        assert cl.stats.get("upstream_rq_pending_total") == 0
+        assert cl.resources.in_use(Resource.CONNECTIONS) == 1
+        assert cl.resources.in_use(Resource.PENDING_REQUESTS) == 0
+        assert b.accepted == 0
+        pool_a.release(ca, reusable=False)
         assert await until(lambda: cl.resources.in_use(Resource.CONNECTIONS) == 0)
         a.stop()
         b.stop()

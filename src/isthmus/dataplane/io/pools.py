@@ -9,8 +9,11 @@ stay hot) with an idle timer, or closes it (max requests per connection reached,
 the host leaves the cluster or the cluster is replaced: idle connections close at once,
 busy ones when their exchange ends (drain).
 
-Breakers and lifetime as Envoy's: at ``max_connections`` each attempt to open counts
+Breakers and lifetime as Envoy's: at ``max_connections`` a request needs pending room
+first (none: ``upstream_rq_pending_overflow`` only, UO); then each attempt to open counts
 ``upstream_cx_overflow``, yet a pool with no connection at all still opens its first one;
+(a request that opens a connection within ``max_connections`` is not counted as pending,
+unlike Envoy, where it is pending while the connection is being established);
 a pending request waits for its own pool's released connection *or* any connection slot
 of the cluster freeing (``h2pool.ClusterSlots``: a connection of another host closed),
 and when other hosts hold idle connections one of them is closed to free a slot.
@@ -92,12 +95,20 @@ class Http1Pool:
         conn = self._take_idle()
         if conn is not None:
             return conn
-        if open_connection_slot(self.cluster, self.total + self.connecting == 0):
-            return await self._open()
         res = self.cluster.resources
+        if res.try_acquire(Resource.CONNECTIONS):
+            return await self._open()
+        # The connection breaker is full: the request is pending. As Envoy
+        # (ConnPoolImplBase::newStreamImpl), pending room is checked first: without it the
+        # request fails counting upstream_rq_pending_overflow only; with it, the attempt
+        # to open a connection counts upstream_cx_overflow, and the first connection of
+        # an empty pool opens anyway (open_connection_slot), else the request queues.
         if not res.try_acquire(Resource.PENDING_REQUESTS):
             self.cluster.stats.inc("upstream_rq_pending_overflow")
             raise PoolOverflow("max_pending_requests")
+        if open_connection_slot(self.cluster, self.total + self.connecting == 0):
+            res.release(Resource.PENDING_REQUESTS)
+            return await self._open()
         self.cluster.stats.inc("upstream_rq_pending_total")
         self.cluster.stats.add("upstream_rq_pending_active", 1)
         loop = asyncio.get_running_loop()
