@@ -86,6 +86,9 @@ class FaultDecision:
     abort_grpc_status: int | None = None
 
 
+_NO_FAULT = FaultDecision()
+
+
 @dataclass(frozen=True, slots=True)
 class FaultPolicy:
     """envoy.extensions.filters.http.fault.v3.HTTPFault (fixed delay, abort)."""
@@ -124,6 +127,8 @@ class FaultPolicy:
 
     def evaluate(self, delay_random: int, abort_random: int) -> FaultDecision:
         """Which faults fire for this request (one random draw per fault, as Envoy)."""
+        if self.delay_s is None and self.abort_status is None and self.abort_grpc_status is None:
+            return _NO_FAULT  # an empty HTTPFault (Istio adds one to every HCM)
         delay = None
         if self.delay_s is not None and percent_hits(*self.delay_percent, delay_random):
             delay = self.delay_s
@@ -342,9 +347,12 @@ class Route:
     regex_needs: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RouteDecision:
-    """What to do with one request. ``route`` carries the static policy."""
+    """What to do with one request. ``route`` carries the static policy.
+
+    Treat as immutable. Not a frozen dataclass only because one is made per request and a
+    frozen ``__init__`` (``object.__setattr__`` per field) costs ~0.9 µs against ~0.27."""
 
     route: Route
     cluster: str | None  # None: redirect / direct response / cluster header missing

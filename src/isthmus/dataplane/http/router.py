@@ -304,6 +304,16 @@ def _deadlines(loop: asyncio.AbstractEventLoop) -> _Deadlines:
 
 
 _HOST_STATS: dict[str, tuple[str, str, str]] = {}
+_NO_MIRRORS: tuple[Any, ...] = ()
+
+
+def _status_stats(status: int) -> tuple[str, str, str]:
+    """(upstream_rq_<class>, upstream_rq_<code>, downstream_rq_<class>)."""
+    c = status_class(status)
+    return f"upstream_rq_{c}", f"upstream_rq_{status}", f"downstream_rq_{c}"
+
+
+_STATUS_STATS = {code: _status_stats(code) for code in range(100, 600)}
 
 
 def _host_stat_names(key: str) -> tuple[str, str, str]:
@@ -396,7 +406,8 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
     attempt = 0
     start = loop.time()
     include_count = decision.route.include_request_attempt_count
-    mirrors = [m for m in action.mirrors if m.should_mirror(random64())]
+    mirrors: Any = [m for m in action.mirrors if m.should_mirror(random64())] if action.mirrors \
+        else _NO_MIRRORS
     conn: Any = None  # Http1Upstream or an HTTP/2 exchange (io.pools / io.h2pool)
     pool: Any = None
     pump: asyncio.Task[None] | None = None
@@ -504,6 +515,13 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
                     cluster.resources.release(Resource.RETRIES)
                     retry_held = False
                 retriable = retry is not None and not rb.overflow and upgrade is None
+                if retriable and outcome.reset is None and not outcome.headers:
+                    # a plain answer (no x-envoy-* / grpc-status) below 500, not 409 and
+                    # not a retriable status code: should_retry would say NO
+                    code = outcome.status or 0
+                    if code < 500 and code != 409 and \
+                            code not in retry.retriable_status_codes:  # type: ignore[union-attr]
+                        retriable = False
                 if retriable:
                     decision_r = should_retry(retry, attempt, outcome, random64,
                                               cluster.resources.can_create(Resource.RETRIES))
@@ -547,9 +565,10 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
                 cs.inc("upstream_rq_retry_success")
             _late_flag(st, late_flag)
             status = ev.status
-            cs.inc("upstream_rq_" + status_class(status))
-            cs.inc(f"upstream_rq_{status}")
-            st.conn._http_stats.inc("downstream_rq_" + status_class(status))
+            names = _STATUS_STATS.get(status) or _status_stats(status)
+            cs.inc(names[0])
+            cs.inc(names[1])
+            st.conn._http_stats.inc(names[2])
             rh = [(k, v) for k, v in ev.headers if k not in _RESP_HOP]
             if status == 101 and upgrade is not None:
                 rh.append((b"upgrade", upgrade))
