@@ -108,3 +108,38 @@ def test_removed_listener_drains_empty_group_ends_early_late_join_drains() -> No
         assert len(m.draining_groups) == 1
 
     asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_reordered_map_inside_typed_config_is_not_a_change() -> None:
+    """RBAC policies are a map: a control plane may serialize its entries in another
+    order on the next push. The digest must not see a change (nothing drains)."""
+    from envoy.config.rbac.v3 import rbac_pb2
+    from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as net_rbac_pb2
+
+    from isthmus.dataplane.io.listeners import listener_signature
+
+    def build(order: list[str], extra: str = "") -> CompiledListener:
+        rules = rbac_pb2.RBAC(action=rbac_pb2.RBAC.DENY)
+        for n in order:
+            pol = rules.policies[n]
+            pol.permissions.add(destination_port=8000 + int(n[1:]))
+            pol.principals.add(any=True)
+        if extra:
+            rules.policies[extra].permissions.add(any=True)
+            rules.policies[extra].principals.add(any=True)
+        lis = listener_pb2.Listener(name="lis", address=addr("127.0.0.1", 15006))
+        fc = lis.filter_chains.add(name="c")
+        fc.filters.add(name="envoy.filters.network.rbac", typed_config=pack(
+            net_rbac_pb2.RBAC(rules=rules, stat_prefix="tcp.")))
+        fc.filters.add(name="envoy.filters.network.tcp_proxy", typed_config=pack(
+            tcp_proxy_pb2.TcpProxy(stat_prefix="s", cluster="c")))
+        return compile_listener("lis", lis)
+
+    names = [f"p{i}" for i in range(20)]
+    a, b = build(names), build(names[::-1])
+    assert a.proto.SerializeToString() != b.proto.SerializeToString()  # bytes differ
+    sa, sb = listener_signature(a), listener_signature(b)
+    assert sa.listener == sb.listener
+    assert list(sa.chains.values()) == list(sb.chains.values())
+    sc = listener_signature(build(names, extra="p99"))  # a real change is one
+    assert list(sc.chains.values()) != list(sa.chains.values())

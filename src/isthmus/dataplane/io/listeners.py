@@ -59,6 +59,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from isthmus.dataplane.envoy.circuit_breakers import Resource
 from isthmus.dataplane.envoy.filter_chain import ConnectionInfo
 from isthmus.dataplane.envoy.outlier import LocalOrigin
@@ -252,7 +254,54 @@ DrainKey = tuple[str, bytes, bytes]  # (listener name, listener digest, chain di
 
 
 def _digest(msg: Any) -> bytes:
-    return hashlib.blake2b(msg.SerializeToString(deterministic=True), digest_size=16).digest()
+    """A digest equal for protobuf-equal configs: a copy with every ``Any`` payload
+    re-serialized deterministically (a control plane's serialization may order map
+    entries, e.g. RBAC policies, differently from one push to the next)."""
+    c = type(msg)()
+    c.CopyFrom(msg)
+    _canonicalize(c)
+    return hashlib.blake2b(c.SerializeToString(deterministic=True), digest_size=16).digest()
+
+
+def _any_class(type_url: str) -> Any:
+    from google.protobuf import descriptor_pool, message_factory
+
+    try:
+        desc = descriptor_pool.Default().FindMessageTypeByName(type_url.rsplit("/", 1)[-1])
+    except KeyError:
+        return None
+    return message_factory.GetMessageClass(desc)
+
+
+def _canonicalize(msg: Any, depth: int = 0) -> None:
+    """In place: re-serialize ``Any`` payloads deterministically, recursively."""
+    if depth > 32:
+        return
+    if msg.DESCRIPTOR.full_name == "google.protobuf.Any":
+        cls = _any_class(msg.type_url)
+        if cls is None:
+            return  # unknown type: its bytes as sent
+        inner = cls()
+        try:
+            inner.ParseFromString(msg.value)
+        except DecodeError:
+            return
+        _canonicalize(inner, depth + 1)
+        msg.value = inner.SerializeToString(deterministic=True)
+        return
+    for fd, value in msg.ListFields():
+        mt = fd.message_type
+        if mt is None:
+            continue
+        if mt.GetOptions().map_entry:
+            if mt.fields_by_name["value"].message_type is not None:
+                for v in value.values():
+                    _canonicalize(v, depth + 1)
+        elif fd.is_repeated:
+            for v in value:
+                _canonicalize(v, depth + 1)
+        else:
+            _canonicalize(value, depth + 1)
 
 
 @dataclass(slots=True)
