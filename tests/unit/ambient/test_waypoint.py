@@ -42,9 +42,11 @@ def test_single_pass_listener_shape() -> None:
     assert [u.upgrade_type for u in hcm.upgrade_configs] == ["CONNECT"]
     assert hcm.http2_protocol_options.allow_connect
     assert hcm.rds.route_config_name == ROUTE_NAME
-    # the namespace DENY and the targetRef'd ALLOW (GET only) become RBAC before the router
+    # the namespace DENY and the targetRef'd ALLOW (GET only) become RBAC, then fault and
+    # cors (inner requests' per-route config), then the router
     assert [f.name for f in hcm.http_filters] == [
-        "envoy.filters.http.rbac", "envoy.filters.http.rbac", "envoy.filters.http.router"]
+        "envoy.filters.http.rbac", "envoy.filters.http.rbac", "envoy.filters.http.fault",
+        "envoy.filters.http.cors", "envoy.filters.http.router"]
 
     rc: route_pb2.RouteConfiguration = res[types.ROUTE][ROUTE_NAME]
     (vh,) = rc.virtual_hosts  # only the bound service: no catch-all
@@ -69,7 +71,9 @@ def test_single_pass_listener_shape() -> None:
     v1 = res[types.ENDPOINT][f"outbound|9080|v1|{REVIEWS}"]
     ep = v1.endpoints[0].lb_endpoints[0]
     assert ep.endpoint.address.socket_address.port_value == 9081
-    assert TUNNEL_METADATA not in ep.metadata.filter_metadata  # ambient: HBONE
+    md = ep.metadata.filter_metadata[TUNNEL_METADATA]  # ambient: HBONE, exact identity
+    assert md["protocol"] == "hbone" and md["port"] == 15008
+    assert md["identity"] == "spiffe://cluster.local/ns/shop/sa/reviews"
 
 
 def test_workload_waypoint_and_unknown_gateway() -> None:

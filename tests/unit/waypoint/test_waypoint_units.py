@@ -3,6 +3,8 @@ the destination identity rule, forwarded-for, the inner HCM, endpoint metadata."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from envoy.config.route.v3 import route_pb2
 
@@ -92,13 +94,19 @@ def test_forwarded_for() -> None:
     assert forwarded_for([(b"x", b"y")]) == ""
 
 
-def test_inner_hcm_adds_fault_and_cors_before_router() -> None:
+def test_inner_hcm_keeps_the_control_planes_filters() -> None:
     from isthmus.dataplane.waypoint.table import ConnectEntry
 
+    # the control plane puts fault and cors on connect_terminate's HCM; nothing is added
     hcm = HcmConfig("connect_terminate", "connect_terminate", None,
                     (HttpFilter("envoy.filters.http.rbac", "rbac"),
+                     HttpFilter("envoy.filters.http.fault", "fault"),
+                     HttpFilter("envoy.filters.http.cors", "cors"),
                      HttpFilter("envoy.filters.http.router", "router")),
                     codec="HTTP2", upgrades=frozenset({"connect"}))
     ih = inner_hcm(hcm, ConnectEntry("v", "r", "c", "http", f"{REVIEWS}:9080"))
     assert [f.kind for f in ih.http_filters] == ["rbac", "fault", "cors", "router"]
+    bare = replace(hcm, http_filters=(HttpFilter("envoy.filters.http.rbac", "rbac"),))
+    assert [f.kind for f in inner_hcm(bare, ConnectEntry("v", "r", "c", "http", "x")
+                                      ).http_filters] == ["rbac", "router"]
     assert ih.rds_name == f"{REVIEWS}:9080" and ih.codec == "AUTO" and not ih.upgrades

@@ -8,6 +8,14 @@ for endpoints with a sidecar (auto mTLS matches on it) and
 ``istio: {workload: "name;namespace;canonical-name;canonical-revision;cluster"}``.
 Unhealthy endpoints are left out, as Istio does by default.
 
+Ambient (``isthmus.tunnel`` lb-endpoint metadata, read by the data plane's HBONE pools,
+``dataplane/waypoint/upstream.py``): for sidecars and gateways an endpoint whose workload
+is enrolled in ambient gets ``{protocol: hbone, port: 15008, identity: <its SPIFFE id>}``
+(the proxy opens an HBONE tunnel to ``<ip>:15008``, SNI and exact SAN from ``identity``:
+Istio's sidecar -> ambient interop); sidecar endpoints keep auto mTLS. For waypoints
+every mesh endpoint (ambient, sidecar, waypoint) gets the HBONE form and endpoints not
+in the mesh ``{protocol: none}`` (plaintext).
+
 Neighbours: ``clusters`` (names the EDS clusters; builds DNS clusters' inline
 assignments with :func:`locality_lb_endpoints`), ``model.mesh`` (the queries).
 """
@@ -23,14 +31,16 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2 as ec
 from envoy.config.endpoint.v3 import endpoint_pb2
 from google.protobuf import struct_pb2
 
+from isthmus.controlplane.model.ambient import HBONE_PORT, DataplaneMode
 from isthmus.controlplane.model.mesh import MeshSnapshot
 from isthmus.controlplane.model.proxy import ProxyNode
 from isthmus.controlplane.model.types import Endpoint, Resolution, TLSMode
 from isthmus.controlplane.translate.peer_authn import endpoint_mtls_disabled
-from isthmus.core.names import ClusterName, Direction
+from isthmus.core.names import ClusterName, Direction, ProxyType
 
 TRANSPORT_SOCKET_MATCH_KEY = "envoy.transport_socket_match"
 TLS_MODE_KEY = "tlsMode"
+TUNNEL_METADATA_KEY = "isthmus.tunnel"
 CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
 CANONICAL_REVISION_LABELS = ("service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")
 
@@ -98,6 +108,41 @@ def locality_lb_endpoints(
     return out
 
 
+def tunnel_metadata(mesh: MeshSnapshot, address: str, *, waypoint: bool) -> dict[str, object] | None:
+    """The ``isthmus.tunnel`` metadata for an endpoint at ``address`` (None: none).
+
+    ``waypoint``: every mesh workload is reached over HBONE, others in plaintext; else
+    only ambient-enrolled workloads get HBONE (sidecars keep auto mTLS)."""
+    w = mesh.index.workloads_by_ip.get(address)
+    mode = mesh.ambient.mode(w) if w is not None else DataplaneMode.NONE
+    if w is None or mode is DataplaneMode.NONE:
+        return {"protocol": "none"} if waypoint else None
+    if not waypoint and mode is not DataplaneMode.AMBIENT:
+        return None
+    return {"protocol": "hbone", "port": HBONE_PORT, "identity": str(w.identity)}
+
+
+def mark_tunnel_endpoints(mesh: MeshSnapshot, cla: endpoint_pb2.ClusterLoadAssignment, *,
+                          waypoint: bool) -> None:
+    """Add ``isthmus.tunnel`` metadata to the assignment's endpoints (see the module doc)."""
+    if not waypoint and not _has_ambient(mesh):
+        return
+    for loc in cla.endpoints:
+        for lb in loc.lb_endpoints:
+            sa = lb.endpoint.address.socket_address
+            if not sa.address:
+                continue
+            md = tunnel_metadata(mesh, sa.address, waypoint=waypoint)
+            if md is not None:
+                st = struct_pb2.Struct()
+                st.update(md)
+                lb.metadata.filter_metadata[TUNNEL_METADATA_KEY].CopyFrom(st)
+
+
+def _has_ambient(mesh: MeshSnapshot) -> bool:
+    return any(m is DataplaneMode.AMBIENT for m in mesh.ambient.modes.values())
+
+
 def subset_labels(mesh: MeshSnapshot, proxy: ProxyNode, host: str, subset: str) -> dict[str, str] | None:
     """The labels of ``subset`` in the DestinationRule applying to ``host``; None if there is no such subset."""
     if not subset:
@@ -133,6 +178,8 @@ def build_load_assignment(mesh: MeshSnapshot, proxy: ProxyNode, cluster_name: st
             for e in eps
         )
     cla.endpoints.extend(locality_lb_endpoints(eps, proxy.cluster_id))
+    if proxy.type in (ProxyType.SIDECAR, ProxyType.ROUTER) and not proxy.is_proxyless_grpc:
+        mark_tunnel_endpoints(mesh, cla, waypoint=False)
     return cla
 
 

@@ -10,7 +10,11 @@ Sidecar (Istio's shapes):
   all ``bind_to_port: false`` (only reached through virtualOutbound);
 - ``virtualInbound`` 0.0.0.0:15006: a chain per inbound port (destination_port match) to
   ``inbound|<port>||``, plus catch-all chains to InboundPassthroughClusterIpv4.
-  ``InboundChainPolicy`` is the hook where mTLS (PeerAuthentication) chains go.
+  ``InboundChainPolicy`` is the hook where mTLS (PeerAuthentication) chains go;
+- ``connect_terminate`` 0.0.0.0:15008 when ambient is in use (a workload enrolled in
+  ambient or a waypoint exists; node metadata ``ENABLE_HBONE`` forces it on/off):
+  Istio's sidecar HBONE inbound, so ztunnels and waypoints reach the pod with HBONE
+  (see ``hbone_inbound_listener``).
 The Sidecar resource scopes both directions (egress ports/hosts, ingress listeners).
 
 Router (ingress gateway): ``0.0.0.0_<port>`` per Gateway server port, HCM with RDS
@@ -555,6 +559,95 @@ def passthrough_plaintext_chains() -> list[lc.FilterChain]:
     return out
 
 
+# ----------------------------------------------------------------- sidecar: HBONE inbound
+
+HBONE_PORT = 15008
+HBONE_TRANSPORT = "hbone"
+
+
+def hbone_enabled(mesh: MeshSnapshot, proxy: ProxyNode) -> bool:
+    """Whether a sidecar accepts HBONE: metadata ``ENABLE_HBONE`` if set, else when
+    ambient is in use (an enrolled workload or a waypoint), as Istio's sidecars do once
+    ambient is installed."""
+    raw = proxy.metadata.get("ENABLE_HBONE")
+    if raw is not None and str(raw) != "":
+        return str(raw).lower() in ("true", "1", "yes")
+    from isthmus.controlplane.model.ambient import DataplaneMode
+
+    amb = mesh.ambient
+    return bool(amb.waypoints) or any(m is DataplaneMode.AMBIENT for m in amb.modes.values())
+
+
+def _as_hbone(chain: lc.FilterChain) -> lc.FilterChain | None:
+    """A plaintext inbound chain re-matched for the inside of a CONNECT (None: a chain
+    for application TLS, which has no HBONE counterpart)."""
+    if chain.filter_chain_match.transport_protocol not in ("", RAW_BUFFER):
+        return None
+    out = lc.FilterChain()
+    out.CopyFrom(chain)
+    out.filter_chain_match.transport_protocol = HBONE_TRANSPORT
+    return out
+
+
+def hbone_inbound_listener(
+    mesh: MeshSnapshot, proxy: ProxyNode, policy: InboundChainPolicy = plaintext_only
+) -> listener_pb2.Listener:
+    """The sidecar's HBONE inbound (Istio: ``connect_terminate`` -> ``main_internal``),
+    single pass, in one listener ``connect_terminate`` on 0.0.0.0:15008:
+
+    * chain ``connect_terminate``: the HBONE mTLS (``waypoint.hbone_tls_context``: SDS
+      ``default`` + ``ROOTCA``, client certificate required, ALPN h2) and an HTTP/2
+      CONNECT HCM with an inline RouteConfiguration ``connect_terminate``: one virtual
+      host per inbound port, domains ``<pod ip>:<port>`` (each proxy IP), one
+      ``connect_matcher`` route to ``inbound|<port>||`` with metadata
+      ``isthmus.waypoint: {inner: inbound}`` (``sniff: true`` for auto-detect ports),
+      and ``<pod ip>:*`` to InboundPassthroughClusterIpv4 for undeclared ports; any
+      other authority: 404;
+    * the inbound chains of every port and the catch-alls, as virtualInbound's
+      plaintext chains but matched by ``transport_protocol: hbone`` (the inside of an
+      accepted CONNECT; no socket has that transport) with the RequestAuthentication /
+      AuthorizationPolicy filters ``security_chains`` gives (no PeerAuthentication
+      chains: HBONE is mTLS whatever the mode, STRICT included): the data plane picks
+      one by (pod ip, port, sniffed protocol) and runs its HCM or tcp_proxy over the
+      tunnel's bytes, the tunnel's client certificate being the connection's peer.
+    """
+    from isthmus.controlplane.translate.authz import security_chains
+    from isthmus.controlplane.translate.waypoint import (
+        LISTENER_NAME,
+        connect_hcm,
+        connect_route,
+        domain,
+        hbone_listener,
+    )
+
+    ports = inbound_ports(mesh, proxy)
+    ips = list(proxy.ip_addresses) or [WILDCARD]
+    vhosts = []
+    for ip in ports:
+        meta: dict[str, object] = {"inner": "inbound"}
+        if ip.protocol is Protocol.UNSUPPORTED:
+            meta["sniff"] = True
+        vhosts.append(rc.VirtualHost(
+            name=f"inbound|{ip.port}", domains=[domain(a, ip.port) for a in ips],
+            routes=[connect_route(f"inbound|{ip.port}", ip.cluster, meta)]))
+    vhosts.append(rc.VirtualHost(
+        name="inbound|passthrough", domains=[domain(a, "*") for a in ips],
+        routes=[connect_route("inbound|passthrough", INBOUND_PASSTHROUGH_CLUSTER_IPV4,
+                              {"inner": "inbound", "sniff": True})]))
+    rcfg = route_pb2.RouteConfiguration(name=LISTENER_NAME, virtual_hosts=vhosts)
+    lst = hbone_listener(connect_hcm([], route_config=rcfg))
+    lst.traffic_direction = base_pb2.INBOUND
+    secure = policy is not plaintext_only
+    for ip in [*ports, PASSTHROUGH_PORT]:
+        plain = plaintext_inbound_chains(ip) if ip is not PASSTHROUGH_PORT \
+            else passthrough_plaintext_chains()
+        chains = [c for c in (_as_hbone(c) for c in plain) if c is not None]
+        if secure:
+            chains = security_chains(mesh, proxy, chains)
+        lst.filter_chains.extend(chains)
+    return lst
+
+
 # ----------------------------------------------------------------- router (ingress gateway)
 
 
@@ -670,11 +763,14 @@ def build_listeners(
         return grpc_listeners(mesh, proxy)
     if proxy.type is ProxyType.ROUTER:
         return gateway_listeners(mesh, proxy)
-    return [
+    out = [
         virtual_outbound(mesh, proxy),
         virtual_inbound(mesh, proxy, inbound_policy),
         *outbound_listeners(mesh, proxy),
     ]
+    if hbone_enabled(mesh, proxy):
+        out.append(hbone_inbound_listener(mesh, proxy, inbound_policy))
+    return out
 
 
 def _hcm_of(f: lc.Filter) -> hcm_pb2.HttpConnectionManager | None:
@@ -715,6 +811,8 @@ __all__ = [
     "build_listeners",
     "gateway_listeners",
     "grpc_listeners",
+    "hbone_enabled",
+    "hbone_inbound_listener",
     "inbound_ports",
     "outbound_listeners",
     "outbound_ports",

@@ -15,7 +15,14 @@ is **single pass**, represented with ordinary Envoy v3 messages as follows:
   filter: HttpConnectionManager, codec HTTP2 with ``allow_connect``,
   ``upgrade_configs: [{upgrade_type: CONNECT}]``, RDS ``connect_terminate``, HTTP
   filters: RBAC (AuthorizationPolicies targeting this Gateway, as ``authz.build_authz``
-  computes for a proxy labelled with the gateway name), then router.
+  computes for a proxy labelled with the gateway name), fault, cors, then router (the
+  filters inner HTTP requests run through; fault/cors take their per-route config).
+  When some virtual host is ``inner: tcp`` and policies apply, a second chain
+  ``connect_terminate_tcp`` matched by ``transport_protocol: hbone`` (a transport no
+  socket has: it is selected for the *inside* of a CONNECT) carries the network-RBAC
+  form of the same policies before a ``tcp_proxy``: the data plane evaluates it per
+  tunnel with the tunnel's peer identity (the relay target stays the CONNECT route's
+  cluster; the tcp_proxy names the first tcp route's cluster so that it exists).
 
 ``RouteConfiguration connect_terminate``
   one virtual host per bound (service, port), named ``<fqdn>:<port>``, whose domains
@@ -41,9 +48,11 @@ is **single pass**, represented with ordinary Envoy v3 messages as follows:
 (ORIGINAL_DST: the CONNECT authority is the destination) carry
 ``metadata.filter_metadata["isthmus.tunnel"] = {protocol: "hbone", port: 15008}``:
 the data plane opens (and pools) mTLS HTTP/2 to ``<endpoint ip>:15008`` and sends
-``CONNECT <endpoint ip>:<endpoint port>``. An endpoint whose workload cannot take
-HBONE (not in the mesh) has lb-endpoint metadata ``isthmus.tunnel: {protocol:
-"none"}`` and is reached in plaintext. Auto-mTLS transport socket matches are removed
+``CONNECT <endpoint ip>:<endpoint port>``. Each endpoint in the mesh has lb-endpoint
+metadata ``isthmus.tunnel: {protocol: "hbone", port: 15008, identity: <its SPIFFE
+id>}`` (SNI and exact SAN check of the destination); one whose workload cannot take
+HBONE (not in the mesh) has ``isthmus.tunnel: {protocol: "none"}`` and is reached in
+plaintext (``endpoints.mark_tunnel_endpoints``). Auto-mTLS transport socket matches are removed
 from these clusters (the tunnel is the mTLS); a DestinationRule's own TLS origination
 stays and applies inside the tunnel.
 
@@ -56,13 +65,16 @@ from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.config.listener.v3 import listener_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.cors.v3 import cors_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
@@ -70,7 +82,6 @@ from google.protobuf.message import Message
 from isthmus.controlplane.model.ambient import (
     HBONE_PORT,
     LABEL_GATEWAY_NAME,
-    DataplaneMode,
     Waypoint,
 )
 from isthmus.controlplane.model.mesh import MeshSnapshot
@@ -85,6 +96,12 @@ ROUTE_NAME = "connect_terminate"
 ORIGINATE_CLUSTER = "connect_originate"
 WAYPOINT_METADATA = "isthmus.waypoint"
 TUNNEL_METADATA = "isthmus.tunnel"
+#: transport_protocol of the chains run *inside* a CONNECT (never a real socket's)
+HBONE_TRANSPORT = "hbone"
+TCP_CHAIN_NAME = "connect_terminate_tcp"
+FAULT_FILTER = "envoy.filters.http.fault"
+CORS_FILTER = "envoy.filters.http.cors"
+ROUTER_FILTER = "envoy.filters.http.router"
 
 Resources = dict[str, dict[str, Message]]
 
@@ -103,13 +120,13 @@ def _struct(d: dict) -> struct_pb2.Struct:  # type: ignore[type-arg]
     return s
 
 
-def _domain(host: str, port: int | str) -> str:
+def domain(host: str, port: int | str) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"{host}:{port}"
 
 
-def _connect_route(name: str, cluster: str, meta: dict) -> rc.Route:  # type: ignore[type-arg]
+def connect_route(name: str, cluster: str, meta: dict) -> rc.Route:  # type: ignore[type-arg]
     r = rc.Route(name=name)
     r.match.connect_matcher.SetInParent()
     r.route.cluster = cluster
@@ -119,29 +136,67 @@ def _connect_route(name: str, cluster: str, meta: dict) -> rc.Route:  # type: ig
     return r
 
 
-def _listener(http_filters: list[hcm_pb2.HttpFilter]) -> listener_pb2.Listener:
+def hbone_tls_context() -> tls_pb2.DownstreamTlsContext:
+    """The HBONE mTLS of a ``connect_terminate`` listener: the workload certificate (SDS
+    ``default``) and roots (``ROOTCA``), client certificate required, ALPN ``h2``."""
     from isthmus.controlplane.translate.peer_authn import inbound_tls_context
 
-    lst = listener_pb2.Listener(name=LISTENER_NAME)
-    sa = lst.address.socket_address
-    sa.address, sa.port_value = "0.0.0.0", HBONE_PORT
+    ctx: tls_pb2.DownstreamTlsContext = inbound_tls_context(tcp=False)
+    del ctx.common_tls_context.alpn_protocols[:]
+    ctx.common_tls_context.alpn_protocols.append("h2")
+    return ctx
+
+
+def connect_hcm(http_filters: list[hcm_pb2.HttpFilter], *, rds: str = "",
+                route_config: route_pb2.RouteConfiguration | None = None
+                ) -> hcm_pb2.HttpConnectionManager:
+    """HCM of a ``connect_terminate`` chain: HTTP/2 with CONNECT, routes by RDS name or
+    inline, ``http_filters`` then the router."""
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix=LISTENER_NAME,
                                         codec_type=hcm_pb2.HttpConnectionManager.HTTP2)
     hcm.http2_protocol_options.allow_connect = True
     hcm.upgrade_configs.add(upgrade_type="CONNECT")
-    hcm.rds.route_config_name = ROUTE_NAME
-    hcm.rds.config_source.ads.SetInParent()
+    if route_config is not None:
+        hcm.route_config.CopyFrom(route_config)
+    else:
+        hcm.rds.route_config_name = rds
+        hcm.rds.config_source.ads.SetInParent()
     hcm.http_filters.extend(http_filters)
-    hcm.http_filters.append(hcm_pb2.HttpFilter(name="envoy.filters.http.router",
+    hcm.http_filters.append(hcm_pb2.HttpFilter(name=ROUTER_FILTER,
                                                typed_config=pack(router_pb2.Router())))
+    return hcm
+
+
+def hbone_listener(hcm: hcm_pb2.HttpConnectionManager) -> listener_pb2.Listener:
+    """``connect_terminate`` on 0.0.0.0:15008 whose first chain terminates HBONE with
+    ``hcm``; inner chains (``transport_protocol: hbone``) are added by the caller."""
+    lst = listener_pb2.Listener(name=LISTENER_NAME)
+    sa = lst.address.socket_address
+    sa.address, sa.port_value = "0.0.0.0", HBONE_PORT
     chain = lst.filter_chains.add(name=LISTENER_NAME)
-    ctx: tls_pb2.DownstreamTlsContext = inbound_tls_context(tcp=False)
-    del ctx.common_tls_context.alpn_protocols[:]
-    ctx.common_tls_context.alpn_protocols.append("h2")
     chain.transport_socket.name = "envoy.transport_sockets.tls"
-    chain.transport_socket.typed_config.CopyFrom(pack(ctx))
+    chain.transport_socket.typed_config.CopyFrom(pack(hbone_tls_context()))
     chain.filters.add(name="envoy.filters.network.http_connection_manager",
                       typed_config=pack(hcm))
+    return lst
+
+
+def _listener(http_filters: list[hcm_pb2.HttpFilter],
+              tcp_filters: list[listener_components_pb2.Filter],
+              tcp_cluster: str) -> listener_pb2.Listener:
+    filters = list(http_filters)
+    filters.append(hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=pack(fault_pb2.HTTPFault())))
+    filters.append(hcm_pb2.HttpFilter(name=CORS_FILTER, typed_config=pack(cors_pb2.Cors())))
+    lst = hbone_listener(connect_hcm(filters, rds=ROUTE_NAME))
+    if tcp_filters:
+        # inner: tcp tunnels: the network form of the policies, evaluated per CONNECT with
+        # the tunnel's peer identity (the relay target is the CONNECT route's cluster; the
+        # tcp_proxy names one that exists, so the listener never warms on a missing one)
+        chain = lst.filter_chains.add(name=TCP_CHAIN_NAME)
+        chain.filter_chain_match.transport_protocol = HBONE_TRANSPORT
+        chain.filters.extend(tcp_filters)
+        tp = tcp_proxy_pb2.TcpProxy(stat_prefix=TCP_CHAIN_NAME, cluster=tcp_cluster)
+        chain.filters.add(name="envoy.filters.network.tcp_proxy", typed_config=pack(tp))
     return lst
 
 
@@ -155,7 +210,7 @@ def generate_waypoint(mesh: MeshSnapshot, proxy: ProxyNode) -> Resources:
     """LDS/RDS/CDS/EDS for a waypoint proxy (see the module doc for the representation)."""
     from isthmus.controlplane.translate.authz import build_authz
     from isthmus.controlplane.translate.clusters import build_clusters
-    from isthmus.controlplane.translate.endpoints import build_endpoints
+    from isthmus.controlplane.translate.endpoints import build_endpoints, mark_tunnel_endpoints
     from isthmus.controlplane.translate.routes import build_route
 
     wp = waypoint_for_proxy(mesh, proxy)
@@ -166,10 +221,10 @@ def generate_waypoint(mesh: MeshSnapshot, proxy: ProxyNode) -> Resources:
     wanted: set[str] = set()
     for s in sorted(services, key=lambda s: (s.hostname, s.namespace)):
         for p in s.ports:
-            name = _domain(s.hostname, p.port)
+            name = domain(s.hostname, p.port)
             cluster = outbound_cluster(p.port, s.hostname)
             wanted.add(s.hostname)
-            domains = [_domain(vip, p.port) for vip in s.addresses] + [name]
+            domains = [domain(vip, p.port) for vip in s.addresses] + [name]
             if p.protocol.is_http:
                 rc_inner = build_route(mesh, proxy, name)
                 inner[rc_inner.name] = rc_inner
@@ -177,17 +232,21 @@ def generate_waypoint(mesh: MeshSnapshot, proxy: ProxyNode) -> Resources:
             else:
                 meta = {"inner": "tcp"}
             vhosts.append(rc.VirtualHost(name=name, domains=domains,
-                                         routes=[_connect_route(name, cluster, meta)]))
+                                         routes=[connect_route(name, cluster, meta)]))
     bound_workloads = [w for w in mesh.workloads
                        if wp is not None and (b := amb.workload_waypoint(w)) is not None
                        and b.key == wp.key]
     for w in sorted(bound_workloads, key=lambda w: (w.namespace, w.name)):
         name = f"workload/{w.namespace}/{w.name}"
-        vhosts.append(rc.VirtualHost(name=name, domains=[_domain(w.address, "*")],
-                                     routes=[_connect_route(name, ORIGINATE_CLUSTER, {"inner": "tcp"})]))
+        vhosts.append(rc.VirtualHost(name=name, domains=[domain(w.address, "*")],
+                                     routes=[connect_route(name, ORIGINATE_CLUSTER, {"inner": "tcp"})]))
 
     authz = build_authz(mesh, proxy.namespace, {LABEL_GATEWAY_NAME: wp.name}) if wp else None
-    listener = _listener(list(authz.http) if authz else [])
+    tcp_clusters = [v.routes[0].route.cluster for v in vhosts if v.routes[0].metadata
+                    .filter_metadata[WAYPOINT_METADATA].fields["inner"].string_value == "tcp"]
+    tcp_filters = list(authz.tcp) if authz and tcp_clusters else []
+    listener = _listener(list(authz.http) if authz else [], tcp_filters,
+                         tcp_clusters[0] if tcp_clusters else "")
     routes = {ROUTE_NAME: route_pb2.RouteConfiguration(name=ROUTE_NAME, virtual_hosts=vhosts)}
     routes.update(inner)
 
@@ -207,21 +266,10 @@ def generate_waypoint(mesh: MeshSnapshot, proxy: ProxyNode) -> Resources:
     for n in eds:
         assignments.setdefault(n, endpoint_pb2.ClusterLoadAssignment(cluster_name=n))
     for a in assignments.values():
-        _mark_plain_endpoints(mesh, a)
+        mark_tunnel_endpoints(mesh, a, waypoint=True)
     return {
         xds_types.LISTENER: {LISTENER_NAME: listener},
         xds_types.ROUTE: dict(sorted(routes.items())),
         xds_types.CLUSTER: dict(sorted(clusters.items())),
         xds_types.ENDPOINT: dict(sorted(assignments.items())),
     }
-
-
-def _mark_plain_endpoints(mesh: MeshSnapshot, a: endpoint_pb2.ClusterLoadAssignment) -> None:
-    amb = mesh.ambient
-    for loc in a.endpoints:
-        for lb in loc.lb_endpoints:
-            ip = lb.endpoint.address.socket_address.address
-            w = mesh.index.workloads_by_ip.get(ip)
-            if w is None or amb.mode(w) is DataplaneMode.NONE:
-                lb.metadata.filter_metadata[TUNNEL_METADATA].CopyFrom(_struct({"protocol": "none"}))
-

@@ -566,7 +566,9 @@ def _hcm(ctx: Ctx, h: Any, path: str) -> HcmConfig:
             ctx.reject(join(path, "rds.route_config_name"), "must not be empty")
     elif spec == "route_config":
         try:
-            table = RouteTable.from_proto(h.route_config)
+            # compile_routes: an inline CONNECT table (a sidecar's HBONE connect_terminate)
+            # compiles as the waypoint's ConnectTable
+            table = compile_routes(h.route_config.name, h.route_config)
         except ConfigRejected as exc:  # the inline route's rejection, named under our listener
             ctx.reject(join(path, "route_config"), str(exc))
     else:

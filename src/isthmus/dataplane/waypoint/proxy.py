@@ -14,6 +14,14 @@ engine, router, admin, telemetry) plus the waypoint's own parts:
   secrets the listener names (``default`` + ``ROOTCA``: ``--certs-dir`` or
   ``--sds-socket``), re-read when they rotate.
 
+The same composition serves a **sidecar**'s HBONE (``install_hbone``): its
+``connect_terminate`` listener (``translate/listeners.py`` ``hbone_inbound_listener``:
+CONNECT to ``<pod ip>:<port>`` -> the inbound chain of the port) goes to the same
+``WaypointServer`` (``inner: inbound``), and its outbound clusters with ambient
+endpoints (``isthmus.tunnel: hbone`` lb-endpoint metadata) get tunnel pools for HTTP
+and a tunnel relay for tcp_proxy (``upstream.HbonePoolMap``). Client certificates
+come from that listener's SDS names, else SDS ``default`` + ``ROOTCA`` directly.
+
 Neighbours: ``proxy.server``, ``cli.proxy`` (``isthmus proxy waypoint``),
 ``waypoint.server``, ``waypoint.upstream``.
 """
@@ -41,7 +49,10 @@ log = logging.getLogger(__name__)
 LISTENER_NAME = "connect_terminate"
 
 
-class WaypointRuntimeManager(RuntimeManager):
+class HboneRuntimeManager(RuntimeManager):
+    """A ``RuntimeManager`` that re-patches HBONE clusters' pools after every cluster or
+    endpoint update and can rebind the HBONE listener (``hbone_address``)."""
+
     def __init__(self, stats: Any, listener_name: str = LISTENER_NAME,
                  hbone_address: tuple[str, int] | None = None) -> None:
         super().__init__(stats)
@@ -68,6 +79,9 @@ class WaypointRuntimeManager(RuntimeManager):
             self.patcher.patch(self.clusters.clusters)
 
 
+WaypointRuntimeManager = HboneRuntimeManager
+
+
 class WaypointRouteHandler(RouteHandler):
     def references(self, name: str, rc: Any) -> Any:
         refs = dict(super().references(name, rc))
@@ -92,14 +106,15 @@ class _Credentials:
 
     def material(self) -> Any:
         from isthmus.dataplane.io.certs import SecretUnavailable, resolve
+        from isthmus.dataplane.proxy.config import TlsContextConfig
 
         lis = self.core.manager.runtime.listeners.get(self.listener_name)
         chain = (lis.single_chain or (lis.chains[0] if lis.chains else None)) if lis else None
-        if chain is None or chain.tls is None:
-            raise OSError(f"waypoint listener {self.listener_name} (and its TLS context) not "
-                          "received yet: is the control plane serving this waypoint?")
+        tls = chain.tls if chain is not None else None
+        if tls is None:  # no HBONE listener (a sidecar with ENABLE_HBONE off): Istio's names
+            tls = TlsContextConfig(server=False, cert_sds="default", ca_sds="ROOTCA")
         try:
-            return resolve(chain.tls)
+            return resolve(tls)
         except SecretUnavailable as exc:
             raise OSError(str(exc)) from None
 
@@ -134,11 +149,13 @@ class _LazyConnector(HboneConnector):
         return await super().open_tunnel(*a, **kw)
 
 
-def install_waypoint(core: ProxyCore, *, listener_name: str = LISTENER_NAME,
-                     hbone_address: tuple[str, int] | None = None, bind: bool = True,
-                     pool: HbonePool | None = None) -> WaypointServer:
-    """Make ``core`` a waypoint (call before any config arrives)."""
-    mgr = WaypointRuntimeManager(core.stats, listener_name, hbone_address)
+def install_hbone(core: ProxyCore, *, listener_name: str = LISTENER_NAME,
+                  hbone_address: tuple[str, int] | None = None, bind: bool = True,
+                  pool: HbonePool | None = None) -> WaypointServer:
+    """Give ``core`` HBONE (call before any config arrives): a waypoint's single pass, or
+    a sidecar's HBONE inbound and tunnel pools to ambient destinations - what the
+    listener's CONNECT table says decides. Returns the server of the HBONE listener."""
+    mgr = HboneRuntimeManager(core.stats, listener_name, hbone_address)
     core.manager = mgr
     if bind:
         mgr.subscribe(core.listeners.apply)
@@ -158,6 +175,9 @@ def install_waypoint(core: ProxyCore, *, listener_name: str = LISTENER_NAME,
     return server
 
 
+install_waypoint = install_hbone
+
+
 class WaypointProxy(Proxy):
     """``Proxy`` (xDS + admin + drain) whose core is a waypoint."""
 
@@ -174,4 +194,22 @@ class WaypointProxy(Proxy):
         self.waypoint.pool.close(graceful=False)  # type: ignore[attr-defined]
 
 
-__all__ = ["WaypointProxy", "WaypointRuntimeManager", "install_waypoint"]
+class HboneSidecarProxy(Proxy):
+    """``Proxy`` (a sidecar) with HBONE: what ``isthmus proxy sidecar`` runs when the
+    mesh uses ambient (see the module doc)."""
+
+    def __init__(self, xds_address: str, node: Any, *,
+                 hbone_address: tuple[str, int] | None = None, core: ProxyCore | None = None,
+                 **kw: Any) -> None:
+        core = core or ProxyCore()
+        self.hbone = install_hbone(core, hbone_address=hbone_address)
+        super().__init__(xds_address, node, core=core, **kw)
+
+    async def stop(self, drain: bool = True) -> None:
+        self.hbone.drain()
+        await super().stop(drain)
+        self.hbone.pool.close(graceful=False)  # type: ignore[attr-defined]
+
+
+__all__ = ["HboneRuntimeManager", "HboneSidecarProxy", "WaypointProxy",
+           "WaypointRuntimeManager", "install_hbone", "install_waypoint"]

@@ -32,6 +32,7 @@ Neighbours: ``waypoint.proxy`` (composition), ``io.listeners`` (the listener hoo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -48,8 +49,7 @@ from isthmus.dataplane.waypoint.table import ConnectEntry, ConnectTable
 
 log = logging.getLogger(__name__)
 
-FAULT_FILTER = "envoy.filters.http.fault"
-CORS_FILTER = "envoy.filters.http.cors"
+HBONE_TRANSPORT = "hbone"  # transport_protocol of the chains for a CONNECT's inside
 
 
 def forwarded_for(headers: list[tuple[bytes, bytes]]) -> str:
@@ -63,24 +63,79 @@ def forwarded_for(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 def inner_hcm(hcm: HcmConfig, entry: ConnectEntry) -> HcmConfig:
-    """The HCM config inner requests run under: the listener's HTTP filters (RBAC...),
-    with fault and cors before the router as a sidecar's HCM has them (routes carry
-    their per-filter config), routes from ``entry.route_config``; codec AUTO (HTTP/1
-    or h2c by preface); no CONNECT upgrade inside."""
+    """The HCM config inner requests run under: the listener's HTTP filters as the
+    control plane gave them (RBAC..., fault, cors, router: ``translate/waypoint.py``),
+    routes from ``entry.route_config``; codec AUTO (HTTP/1 or h2c by preface); no
+    CONNECT upgrade inside."""
     filters = list(hcm.http_filters)
-    names = {f.name for f in filters}
-    at = len(filters) - 1 if filters and filters[-1].kind == "router" else len(filters)
-    extra = []
-    if FAULT_FILTER not in names:
-        extra.append(HttpFilter(FAULT_FILTER, "fault"))
-    if CORS_FILTER not in names:
-        extra.append(HttpFilter(CORS_FILTER, "cors"))
-    filters[at:at] = extra
     if not filters or filters[-1].kind != "router":
         filters.append(HttpFilter("envoy.filters.http.router", "router"))
     return replace(hcm, rds_name=entry.route_config, route_table=None, codec="AUTO",
                    upgrades=frozenset({"websocket"}) & hcm.upgrades,
                    http_filters=tuple(filters))
+
+
+_SNIFF_ALPN = {"http/1.1": ("http/1.1",), "http/1.0": ("http/1.0",), "h2c": ("h2c",)}
+DEFAULT_SNIFF_TIMEOUT_S = 1.0
+
+
+class _Sniffer(asyncio.Protocol):
+    """The first protocol over an ``inner: inbound`` tunnel of an auto-detect port:
+    buffers the first bytes until ``sansio.detect`` classifies them (HTTP/1.x, h2c, or
+    something else), the peer ends its side, or the timeout; then the real protocol
+    takes the transport over (``WaypointServer._serve_inbound``) and gets the bytes."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.eof = False
+        self.lost = False
+        self.decided: asyncio.Future[tuple[str, ...]] = \
+            asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: Any) -> None:
+        pass
+
+    def _decide(self, alpn: tuple[str, ...]) -> None:
+        if not self.decided.done():
+            self.decided.set_result(alpn)
+
+    def data_received(self, data: bytes) -> None:
+        from isthmus.dataplane.sansio import detect
+
+        self.buf += data
+        if self.decided.done():
+            return
+        kind = detect.sniff(bytes(self.buf))
+        if kind is not detect.Protocol.NEED_MORE:
+            self._decide(_SNIFF_ALPN.get(kind.value, ()))
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._decide(())
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._decide(())
+
+    async def wait(self, timeout: float) -> tuple[str, ...]:
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(self.decided)
+        except TimeoutError:
+            self._decide(())
+            return ()
+
+
+def _hand_over(transport: Any, sniffer: _Sniffer, proto: asyncio.BaseProtocol) -> None:
+    """Give ``transport`` (sniffed) to ``proto`` with the bytes the sniffer held."""
+    transport.set_protocol(proto)
+    proto.connection_made(transport)
+    if sniffer.buf:
+        proto.data_received(bytes(sniffer.buf))  # type: ignore[attr-defined]
+        sniffer.buf.clear()
+    if sniffer.eof and not proto.eof_received():  # type: ignore[attr-defined]
+        transport.close()
 
 
 class WaypointServer:
@@ -139,7 +194,9 @@ class WaypointServer:
         rt = self.core.manager.runtime
         lis, chain = self._chain()
         hcm = chain.hcm if chain is not None else None
-        table = rt.routes.get(hcm.rds_name) if hcm is not None and hcm.rds_name else None
+        table = None
+        if hcm is not None:  # RDS (waypoint) or inline (a sidecar's HBONE inbound)
+            table = rt.routes.get(hcm.rds_name) if hcm.rds_name else hcm.route_table
         if hcm is None or not isinstance(table, ConnectTable):
             self.stats.inc("no_config")
             session.reject(tunnel, 503)
@@ -148,8 +205,8 @@ class WaypointServer:
         entry = table.lookup(host, port)
         if entry is None:
             self.stats.inc("no_route")
-            log.info("waypoint: CONNECT %s:%d from %s: no bound service or workload (404)",
-                     host, port, session.peer_identity)
+            log.info("%s: CONNECT %s:%d from %s: no bound service, workload or port (404)",
+                     self.listener_name, host, port, session.peer_identity)
             session.reject(tunnel, 404)
             return
         src = forwarded_for(tunnel.headers) or session.peer_sockaddr[0]
@@ -158,6 +215,8 @@ class WaypointServer:
         if entry.inner == "http":
             self.stats.inc("accepted")
             await self._serve_http(session, tunnel, lis, hcm, entry, remote, tls)
+        elif entry.inner == "inbound":
+            await self._serve_inbound(session, tunnel, lis, entry, remote, tls)
         else:
             await self._relay_tcp(session, tunnel, hcm, entry, remote, tls)
 
@@ -188,17 +247,30 @@ class WaypointServer:
         from isthmus.dataplane.waypoint.upstream import host_plain, relay_to_endpoint
 
         conn = connection(tunnel.target, remote, tunnel.target, tls)
-        for f in hcm.http_filters:
-            engine = getattr(f.impl, "engine", None)
-            if engine is None:
-                continue
-            d = engine.evaluate(conn, None)
+        lis, _ = self._chain()
+        inner = self._inner_chain(lis, tunnel.target, remote, ()) if lis is not None else None
+        if inner is not None and inner.rbac is not None:
+            # the control plane's network-RBAC form of the policies (connect_terminate_tcp)
+            d = inner.rbac.evaluate(conn)
             if not d.allowed:
                 self.stats.inc("denied")
-                log.info("waypoint: tcp CONNECT %s:%d from %s denied by %s", *tunnel.target,
-                         session.peer_identity, d.policy_name or "no ALLOW policy")
+                log.info("waypoint: tcp CONNECT %s:%d from %s denied (%s)", *tunnel.target,
+                         session.peer_identity, d.response_code_details or "rbac")
                 session.reject(tunnel, 401)
                 return
+        else:  # no network form (older control plane): HTTP rules on connection attributes
+            for f in hcm.http_filters:
+                engine = getattr(f.impl, "engine", None)
+                if engine is None:
+                    continue
+                d = engine.evaluate(conn, None)
+                if not d.allowed:
+                    self.stats.inc("denied")
+                    log.info("waypoint: tcp CONNECT %s:%d from %s denied by %s",
+                             *tunnel.target, session.peer_identity,
+                             d.policy_name or "no ALLOW policy")
+                    session.reject(tunnel, 401)
+                    return
         cluster = self.core.manager.clusters.get(entry.cluster)
         if cluster is None:
             self.stats.inc("upstream_fail")
@@ -252,6 +324,126 @@ class WaypointServer:
         finally:
             cs.add("upstream_cx_active", -1)
             up.abort()
+
+    # -- inner: inbound (a sidecar's HBONE inbound) ------------------------------------
+
+    @staticmethod
+    def _inner_chain(lis: Any, target: tuple[str, int], remote: tuple[str, int],
+                     alpn: tuple[str, ...]) -> Any:
+        """The listener's chain for the inside of a CONNECT to ``target``
+        (``transport_protocol: hbone``); None when only the HBONE chain itself matches."""
+        from isthmus.dataplane.envoy.filter_chain import ConnectionInfo
+
+        ref = lis.matcher.select(ConnectionInfo(target[0], target[1], remote[0], remote[1],
+                                                "", HBONE_TRANSPORT, alpn))
+        chain = lis.chain(ref.index) if ref is not None else None
+        if chain is None or chain.tls is not None or (
+                chain.hcm is None and chain.tcp_proxy is None):
+            return None
+        return chain
+
+    async def _serve_inbound(self, session: ServerSession, tunnel: Tunnel, lis: Any,
+                             entry: ConnectEntry, remote: tuple[str, int],
+                             tls: TlsInfo) -> None:
+        """Terminate the CONNECT, then run the listener's inbound chain for the target
+        port over the tunnel's bytes: its HCM (RBAC/authn filters, the inline inbound
+        route to ``inbound|<port>||``) or its network RBAC + tcp_proxy, with the
+        tunnel's client certificate as the connection's peer."""
+        target = tunnel.target
+        extra = {"peername": remote, "sockname": target, "hbone_peer_identity":
+                 session.peer_identity}
+        if not entry.sniff:
+            chain = self._inner_chain(lis, target, remote, ())
+            if chain is None:
+                self.stats.inc("no_chain")
+                log.info("%s: CONNECT %s:%d: no inbound chain for the port (404)",
+                         self.listener_name, *target)
+                session.reject(tunnel, 404)
+                return
+            if chain.tcp_proxy is not None:
+                rec = self._record(lis, target, remote, session)
+                if (chain.rbac is not None or chain.ext_authz is not None) and \
+                        not await self.core.listeners._authorize(chain, rec, target, remote,
+                                                                 target, tls):
+                    self.stats.inc("denied")
+                    session.reject(tunnel, 401)
+                    return
+                self.stats.inc("accepted")
+                session.accept(tunnel)
+                await self._inbound_tcp(tunnel, chain, target, rec, tls, None, None, extra)
+                return
+            self.stats.inc("accepted")
+            session.accept(tunnel)
+            self._inbound_http(tunnel, lis, chain, target, remote, tls, (), None, None, extra)
+            await tunnel.wait()
+            return
+        self.stats.inc("accepted")
+        session.accept(tunnel)
+        sniffer = _Sniffer()
+        transport = attach_protocol(tunnel, sniffer, extra)
+        timeout = lis.listener_filters_timeout_s or DEFAULT_SNIFF_TIMEOUT_S
+        alpn = await sniffer.wait(timeout)
+        if tunnel.done.done():
+            return
+        chain = self._inner_chain(lis, target, remote, alpn)
+        if chain is None:
+            self.stats.inc("no_chain")
+            transport.abort()
+            return
+        if chain.hcm is not None:
+            self._inbound_http(tunnel, lis, chain, target, remote, tls, alpn, transport,
+                               sniffer, extra)
+            await tunnel.wait()
+            return
+        rec = self._record(lis, target, remote, session)
+        if (chain.rbac is not None or chain.ext_authz is not None) and \
+                not await self.core.listeners._authorize(chain, rec, target, remote, target,
+                                                         tls):
+            self.stats.inc("denied")
+            transport.abort()
+            return
+        await self._inbound_tcp(tunnel, chain, target, rec, tls, transport, sniffer, extra)
+
+    @staticmethod
+    def _record(lis: Any, target: tuple[str, int], remote: tuple[str, int],
+                session: ServerSession) -> Any:
+        from isthmus.dataplane.io.listeners import ConnRecord
+
+        rec = ConnRecord(lis.name, target, remote, "")
+        rec.peer_principal = session.peer_identity
+        return rec
+
+    def _inbound_http(self, tunnel: Tunnel, lis: Any, chain: Any, target: tuple[str, int],
+                      remote: tuple[str, int], tls: TlsInfo, alpn: tuple[str, ...],
+                      transport: Any, sniffer: _Sniffer | None, extra: dict[str, Any]) -> None:
+        from isthmus.dataplane.http.conn_manager import handle_stream
+        from isthmus.dataplane.http.downstream import ConnContext, make_downstream
+
+        ctx = ConnContext(self.core, lis, chain.hcm, target, remote, target)
+        ctx.tls = tls
+        proto = make_downstream(ctx, handle_stream, alpn[0] if alpn else None)
+        if transport is None:
+            attach_protocol(tunnel, proto, extra)
+        else:
+            assert sniffer is not None
+            _hand_over(transport, sniffer, proto)
+
+    async def _inbound_tcp(self, tunnel: Tunnel, chain: Any, target: tuple[str, int],
+                           rec: Any, tls: TlsInfo, transport: Any, sniffer: _Sniffer | None,
+                           extra: dict[str, Any]) -> None:
+        """tcp_proxy (the listener manager's: cluster pick, circuit breakers, telemetry)
+        with the tunnel as the downstream relay side."""
+        from isthmus.dataplane.io import tls as tlsio
+
+        pipe = tlsio.new_pipe()
+        pipe.info = tls
+        if transport is None:
+            attach_protocol(tunnel, pipe, extra)
+        else:
+            assert sniffer is not None
+            _hand_over(transport, sniffer, pipe)
+        await self.core.listeners._tcp_proxy(chain.tcp_proxy, None, target, down_pipe=pipe,
+                                             rec=rec)
 
     def drain(self) -> None:
         self.hbone.drain()

@@ -7,8 +7,11 @@ virtual host per bound (service, port) whose domains are ``<vip>:<port>`` and
 ``<fqdn>:<port>``; one per bound workload with domain ``<ip>:*``; each with one route
 ``match.connect_matcher {}`` to a cluster, whose route metadata
 ``filter_metadata["isthmus.waypoint"]`` says ``{inner: http, route_config: NAME}`` or
-``{inner: tcp}``. Lookup is exact ``host:port`` first, then ``host:*``; nothing else
-matches (no catch-all: an unknown authority is refused with 404).
+``{inner: tcp}``. A sidecar's HBONE inbound (``translate/listeners.py``
+``hbone_inbound_listener``, an inline route configuration) says ``{inner: inbound}``
+(``sniff: true`` on auto-detect ports): run the listener's inbound chain for the port.
+Lookup is exact ``host:port`` first, then ``host:*``; nothing else matches (no
+catch-all: an unknown authority is refused with 404).
 
 ``is_connect_table(rc)`` tells ``proxy.config.compile_routes`` to compile such a route
 configuration here (the generic ``envoy.routes.RouteTable`` does not take
@@ -31,8 +34,10 @@ class ConnectEntry:
     vhost: str  # virtual host name ("<fqdn>:<port>" / "workload/<ns>/<name>")
     route: str
     cluster: str
-    inner: str  # "http" | "tcp"
+    inner: str  # "http" | "tcp" | "inbound"
     route_config: str = ""  # inner: http -> the RouteConfiguration for inner requests
+    #: inner: inbound -> sniff the tunnel's first bytes (HTTP or not) to pick the chain
+    sniff: bool = False
 
 
 class ConnectTable:
@@ -82,10 +87,10 @@ class ConnectTable:
             md = r.metadata.filter_metadata.get(WAYPOINT_METADATA)
             inner = md.fields["inner"].string_value if md is not None and \
                 "inner" in md.fields else ""
-            if inner not in ("http", "tcp"):
+            if inner not in ("http", "tcp", "inbound"):
                 raise ConfigRejected(rc.name, f"{path}.routes[0].metadata.filter_metadata"
                                      f"[{WAYPOINT_METADATA}].inner",
-                                     f"expected http or tcp, got {inner!r}")
+                                     f"expected http, tcp or inbound, got {inner!r}")
             rcn = ""
             if inner == "http":
                 rcn = md.fields["route_config"].string_value if "route_config" in md.fields \
@@ -93,7 +98,8 @@ class ConnectTable:
                 if not rcn:
                     raise ConfigRejected(rc.name, f"{path}.routes[0].metadata",
                                          "inner http needs route_config")
-            e = ConnectEntry(vh.name, r.name, r.route.cluster, inner, rcn)
+            sniff = md is not None and "sniff" in md.fields and md.fields["sniff"].bool_value
+            e = ConnectEntry(vh.name, r.name, r.route.cluster, inner, rcn, sniff)
             entries.append(e)
             for d in vh.domains:
                 d = d.lower()

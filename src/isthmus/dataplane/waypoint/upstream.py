@@ -77,6 +77,25 @@ def _item(items: tuple[tuple[str, str], ...], key: str) -> str:
     return ""
 
 
+def host_tunnel(host: HostSpec | None, cluster: ClusterTunnel | None) -> ClusterTunnel | None:
+    """How ``host`` is reached: over HBONE (its own ``isthmus.tunnel: {protocol: hbone}``
+    metadata - a sidecar's ambient endpoints -, or its cluster's when it is not marked
+    ``protocol: none``) or directly (None)."""
+    proto = _item(host.tunnel, "protocol") if host is not None else ""
+    if proto == "none":
+        return None
+    if proto == "hbone":
+        raw = _item(host.tunnel, "port") if host is not None else ""
+        try:
+            port = int(float(raw.removeprefix("n:"))) if raw else 0
+        except ValueError:
+            port = 0
+        return ClusterTunnel("hbone", port or (cluster.port if cluster else HBONE_PORT))
+    if cluster is not None and cluster.protocol == "hbone":
+        return cluster
+    return None
+
+
 def host_plain(host: HostSpec | None) -> bool:
     """The endpoint cannot take HBONE (``isthmus.tunnel: {protocol: none}``)."""
     return host is not None and _item(host.tunnel, "protocol") == "none"
@@ -223,27 +242,72 @@ class HboneHostPools(HostPools):
 
 
 class HbonePoolMap(dict):  # type: ignore[type-arg]
-    """``Cluster.pools`` of an HBONE cluster: ``io.pools.pool_for`` asks ``get(key)``
-    and gets pools whose connections are tunnels."""
+    """``Cluster.pools`` of a cluster with HBONE endpoints: ``io.pools.pool_for`` asks
+    ``get(key)`` and gets, per host, pools whose connections are tunnels (the host or
+    the cluster is marked ``isthmus.tunnel: hbone``) or the ordinary ``HostPools``
+    (TCP, the cluster's TLS origination). ``tcp_tunnel`` is the same choice for
+    tcp_proxy (``io.listeners``)."""
 
-    def __init__(self, cluster: Any, connector: HboneConnector, tunnel_port: int) -> None:
+    def __init__(self, cluster: Any, connector: HboneConnector, tunnel_port: int,
+                 tunnel: ClusterTunnel | None = None) -> None:
         super().__init__()
         self.cluster = cluster
         self.connector = connector
         self.tunnel_port = tunnel_port
+        self.tunnel = tunnel if tunnel is not None else ClusterTunnel("hbone", tunnel_port)
+
+    def _tunnel_for(self, host: HostSpec | None) -> ClusterTunnel | None:
+        return host_tunnel(host, self.tunnel)
 
     def get(self, key: Any, default: Any = None) -> Any:
         hp = super().get(key)
-        if hp is None:
-            host, _, port = str(key).rpartition(":")
-            hp = HboneHostPools(self.cluster, host.strip("[]"), int(port), self.connector,
-                                self.tunnel_port)
-            self[key] = hp
+        host = self.cluster.by_key.get(key)
+        t = self._tunnel_for(host) if host is not None or self.tunnel.protocol == "hbone" \
+            else None
+        want_hbone = t is not None
+        if hp is not None and isinstance(hp, HboneHostPools) == want_hbone:
+            return hp
+        if hp is not None:  # the endpoint moved in or out of the mesh: retire the old pools
+            hp.close_idle(retire=True)
+        address, _, port = str(key).rpartition(":")
+        address = address.strip("[]")
+        if t is not None:
+            hp = HboneHostPools(self.cluster, address, int(port), self.connector, t.port)
+        else:
+            hp = HostPools(self.cluster, address, int(port))
+        self[key] = hp
         return hp
+
+    def tcp_tunnel(self, host: HostSpec | None, address: tuple[str, int]) -> Any:
+        """tcp_proxy hook: None when ``host`` is reached directly, else an ``async ()
+        -> relay side`` (``io.tls`` pipe over a tunnel ``CONNECT address``). Raises
+        UpstreamConnectError like ``io.upstream.connect``."""
+        t = self._tunnel_for(host)
+        if t is None:
+            return None
+        cluster, connector = self.cluster, self.connector
+
+        async def open_pipe() -> Any:
+            from isthmus.dataplane.io import tls as tlsio
+
+            tunnel = await connector.open_tunnel(address[0], address[1], host, t.port,
+                                                 cluster.config.connect_timeout_s)
+            pipe = tlsio.new_pipe()
+            attach_protocol(tunnel, pipe, {"peername": address, "hbone_peer_identity":
+                                           tunnel.session.peer_identity})
+            return pipe
+
+        return open_pipe
+
+
+def has_hbone_hosts(cluster: Any) -> bool:
+    return any(_item(h.tunnel, "protocol") == "hbone" for h in cluster.hosts)
 
 
 class ClusterPatcher:
-    """Run after every cluster update: HBONE clusters get an ``HbonePoolMap``."""
+    """Run after every cluster or endpoint update: clusters marked ``isthmus.tunnel:
+    hbone`` (waypoint) or with HBONE endpoints (a sidecar's ambient destinations) get an
+    ``HbonePoolMap``."""
 
     def __init__(self, connector: HboneConnector) -> None:
         self.connector = connector
@@ -253,10 +317,14 @@ class ClusterPatcher:
             if isinstance(c.pools, HbonePoolMap):
                 continue
             t = cluster_tunnel(c.config.proto)
-            if t is None or t.protocol != "hbone":
+            if t is not None and t.protocol == "hbone":
+                pass
+            elif has_hbone_hosts(c):
+                t = ClusterTunnel("none")
+            else:
                 continue
             old = c.pools
-            c.pools = HbonePoolMap(c, self.connector, t.port)
+            c.pools = HbonePoolMap(c, self.connector, t.port, t)
             for hp in old.values():  # a plain pool made before the patch: retire it
                 hp.close_idle(retire=True)
 
@@ -270,5 +338,5 @@ async def relay_to_endpoint(connector: HboneConnector, cluster: Any, host: HostS
 
 
 __all__ = ["ClusterPatcher", "ClusterTunnel", "HboneConnector", "HboneHttp1Pool",
-           "HbonePoolMap", "cluster_tunnel", "expected_identity", "host_plain",
-           "identity_acceptable"]
+           "HbonePoolMap", "cluster_tunnel", "expected_identity", "has_hbone_hosts",
+           "host_plain", "host_tunnel", "identity_acceptable"]
