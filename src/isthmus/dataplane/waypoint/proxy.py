@@ -200,9 +200,9 @@ class HboneSidecarProxy(Proxy):
 
     def __init__(self, xds_address: str, node: Any, *,
                  hbone_address: tuple[str, int] | None = None, core: ProxyCore | None = None,
-                 **kw: Any) -> None:
+                 bind: bool = True, **kw: Any) -> None:
         core = core or ProxyCore()
-        self.hbone = install_hbone(core, hbone_address=hbone_address)
+        self.hbone = install_hbone(core, hbone_address=hbone_address, bind=bind)
         super().__init__(xds_address, node, core=core, **kw)
 
     async def stop(self, drain: bool = True) -> None:
