@@ -194,8 +194,10 @@ def setup_extra_nodes(net: NetworkManager) -> None:
 
 
 def plan_mode(plan: ClusterPlan, pod: PodPlan) -> DataplaneMode:
+    from isthmus.runtime.waypoints import is_waypoint_pod  # waypoints speak HBONE natively
+
     return dataplane_mode(pod.labels, plan.namespace_labels.get(pod.namespace, {}),
-                          has_sidecar=pod.sidecar)
+                          has_sidecar=pod.sidecar, is_waypoint=is_waypoint_pod(pod))
 
 
 def enrolled_at_start(plan: ClusterPlan, pod: PodPlan) -> bool:

@@ -61,6 +61,7 @@ from isthmus.runtime.plan import (
     PlanOptions,
     PodPlan,
     ReadinessCheck,
+    ServicePlan,
     build_plan,
 )
 from isthmus.runtime.state import StateDir
@@ -116,6 +117,11 @@ class Daemon:
         self.identity: identity.MeshIdentity | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.ambient: Any = None  # ambient.AmbientManager when pods use ambient mode
+        self.waypoints: Any = None  # waypoints.WaypointManager for istio-waypoint Gateways
+        self.waypoint_specs: list[Any] = []
+        self.net: network.NetworkManager | None = None
+        self._env: dict[str, str] = {}
+        self._cwd = ""
 
     # ------------------------------------------------------------------ reporting
 
@@ -202,6 +208,21 @@ class Daemon:
                 names = sorted({f"{r.namespace}/{r.name}" for r in added.resources
                                 if r.kind == "Deployment"})
                 self.report("progress", message=f"gateways: {', '.join(names)}")
+            from isthmus.runtime import waypoints  # waypoint hook: istio-waypoint Gateways
+
+            wp_docs, wp_warnings = waypoints.provision(resources, f"{node_ip}:{XDS_PORT}")
+            for w in wp_warnings:
+                self._diag(w, False)
+            self.waypoint_specs, _ = waypoints.waypoint_specs(resources)
+            if wp_docs:
+                added = load_text(yaml.safe_dump_all(wp_docs, sort_keys=False),
+                                  "<isthmus waypoints>")
+                for d in added.diagnostics:
+                    self._diag(str(d), d.severity is Severity.ERROR)
+                resources += added.resources
+                self.report("progress", message="waypoints: " + ", ".join(
+                    f"{s.key} ({s.policy.min_replicas}-{s.policy.max_replicas} replicas, "
+                    f"target {s.policy.target} connections)" for s in self.waypoint_specs))
         want_sidecars = self.opts.sidecars == "on" or (
             self.opts.sidecars == "auto" and proxy_available())
         plan = build_plan(resources, PlanOptions(cluster=self.opts.cluster,
@@ -235,6 +256,9 @@ class Daemon:
 
         injector = IstioSidecarInjector(xds_port=XDS_PORT) if want_sidecars else None
         net = network.NetworkManager(plan, self.state.path, injector=injector)
+        self.net = net
+        if self.waypoint_specs:  # waypoint hook: no endpoints until a replica serves
+            net.serving = {s.key: set() for s in self.waypoint_specs}
         self.report("progress", message=f"node {plan.node_netns}: bridge {plan.bridge} "
                                         f"{plan.gateway_ip}/{plan.prefix_len}")
         await asyncio.to_thread(net.setup_node)
@@ -247,6 +271,9 @@ class Daemon:
         env = base_env(str(PROJECT_ROOT))
         cwd = str(self.opts.manifests[0] if self.opts.manifests[0].is_dir()
                   else self.opts.manifests[0].parent)
+        self._env, self._cwd = dict(env), cwd
+        if self.waypoint_specs and self.opts.controlplane:
+            self.waypoints = self._waypoint_manager(plan, net)
         if self.opts.controlplane:
             self.cp_runner = ContainerRunner(
                 "isthmus-system/controlplane", plan.node_netns, self._cp_container(plan),
@@ -257,24 +284,54 @@ class Daemon:
 
             self.ambient = await ambient.start_for_daemon(self, plan, cwd, env)
         for pod in plan.pods:
-            runners = [ContainerRunner(pod.key, pod.netns, c,
-                                       self.state.logs / f"{pod.namespace}_{pod.name}_{c.name}.log",
-                                       cwd, env, backoff=self.opts.backoff, on_change=self.changed,
-                                       grace=min(5.0, 30.0))
-                       for c in pod.containers]
-            self.runners[pod.key] = runners
-            for r, deps in start_order(runners):
-                if not deps:
-                    r.start()
-                    continue
-                # Istio's holdApplicationUntilProxyStarts: the app starts once the proxy
-                # has its config, so its first outbound calls are already captured+routed;
-                # the proxy starts once the agent has written its certificate.
-                self._tasks.append(asyncio.get_running_loop().create_task(
-                    self._start_after(deps, [r]), name=f"hold {pod.key} {r.container.name}"))
+            if self.waypoints is not None and self.waypoints.managed(pod.key):
+                continue  # waypoint hook: its manager starts min replicas (below)
+            self._start_pod(pod, self._make_runners(pod))
+        if self.waypoints is not None:
+            self.waypoints.start()
         await self._start_forwards(plan)
         self.phase = "Running"
         self._write_state()
+
+    def _make_runners(self, pod: PodPlan) -> list[ContainerRunner]:
+        return [ContainerRunner(pod.key, pod.netns, c,
+                                self.state.logs / f"{pod.namespace}_{pod.name}_{c.name}.log",
+                                self._cwd, self._env, backoff=self.opts.backoff,
+                                on_change=self.changed, grace=min(5.0, 30.0))
+                for c in pod.containers]
+
+    def _start_pod(self, pod: PodPlan, runners: list[ContainerRunner]) -> None:
+        self.runners[pod.key] = runners
+        for r, deps in start_order(runners):
+            if not deps:
+                r.start()
+                continue
+            # Istio's holdApplicationUntilProxyStarts: the app starts once the proxy
+            # has its config, so its first outbound calls are already captured+routed;
+            # the proxy starts once the agent has written its certificate.
+            self._tasks.append(asyncio.get_running_loop().create_task(
+                self._start_after(deps, [r]), name=f"hold {pod.key} {r.container.name}"))
+
+    def _waypoint_manager(self, plan: ClusterPlan, net: network.NetworkManager) -> Any:
+        from isthmus.runtime.waypoints import ADMIN_PORT, WaypointManager
+
+        def apply_serving(serving: dict[str, set[str]]) -> None:
+            net.serving = {k: set(v) for k, v in serving.items()}
+            for ns in net.all_namespaces():
+                try:
+                    net.install_service_rules(ns)
+                except network.NetworkError as exc:  # a pod being torn down
+                    log.warning("waypoint endpoints in %s: %s", ns, exc)
+
+        def forget(pod: PodPlan) -> None:
+            self.runners.pop(pod.key, None)
+            self.changed()
+
+        return WaypointManager(
+            plan, list(self.waypoint_specs), make_runners=self._make_runners,
+            start_runners=self._start_pod, apply_serving=apply_serving,
+            fetch_stats=lambda pod: admin_get(pod.netns, "/stats", ADMIN_PORT),
+            on_change=self.changed, forget=forget)
 
     def _diag(self, message: str, error: bool) -> None:
         self.diagnostics.append(message)
@@ -354,6 +411,10 @@ class Daemon:
                         CONVERGE_TIMEOUT):  # ambient hook
                     self._diag("warning: ztunnels do not have their pods yet (see "
                                "`isthmus status`, state.json 'ambient')", False)
+                if self.waypoints is not None and not await self.waypoints.wait_serving(
+                        CONVERGE_TIMEOUT):  # waypoint hook
+                    self._diag("warning: waypoints have no serving replica yet (see "
+                               "`isthmus status`, state.json 'waypoints')", False)
                 self._write_state()
                 self.report("ready", pods=len(states), failed=failed,
                             forwards=self.forward_info, state=str(self.state.path))
@@ -420,6 +481,10 @@ class Daemon:
             for pod in plan.pods:
                 containers = [r.status.to_json() for r in self.runners.get(pod.key, [])]
                 pj = pod_json(pod, containers)
+                if self.waypoints is not None and (rep := self.waypoints.replica(pod.key)):
+                    pj["waypoint"] = rep.state
+                    if rep.state == "standby":
+                        pj["status"] = "Standby"
                 ident = self.identity.pods.get(pod.key) if self.identity else None
                 if ident is not None:
                     pj["identity"] = {"spiffe": ident.spiffe_id, "certsDir": str(ident.certs_dir),
@@ -451,11 +516,22 @@ class Daemon:
                             "targetPort": p.target_port,
                             "endpoints": [f"{e.ip}:{e.port}" for e in p.endpoints]}
                            for p in s.ports]}
-                for s in (plan.services if plan else ())
+                for s in (self._effective_services() if plan else ())
             ],
             "diagnostics": self.diagnostics,
             **({"ambient": self.ambient.snapshot()} if self.ambient is not None else {}),
+            **({"waypoints": self.waypoints.snapshot()} if self.waypoints is not None else {}),
         }
+
+    def _effective_services(self) -> tuple[ServicePlan, ...]:
+        """The plan's services with the endpoints kube-proxy balances over (waypoints:
+        serving replicas only)."""
+        assert self.plan is not None
+        if self.net is None or not self.net.serving:
+            return self.plan.services
+        from isthmus.runtime.waypoints import serving_filter
+
+        return serving_filter(self.plan.services, self.net.serving)
 
     def _write_config(self) -> None:
         plan = self.plan
@@ -472,7 +548,8 @@ class Daemon:
         for svc in plan.services:
             docs.append({
                 "apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": svc.name, "namespace": svc.namespace},
+                "metadata": {"name": svc.name, "namespace": svc.namespace,
+                             **({"labels": dict(svc.labels)} if svc.labels else {})},
                 "spec": {"clusterIP": svc.cluster_ip or "None", "selector": dict(svc.selector),
                          "ports": [{"name": p.name, "port": p.port, "protocol": p.protocol,
                                     "targetPort": p.target_port} for p in svc.ports]},
@@ -488,6 +565,8 @@ class Daemon:
         for pod in plan.pods:
             ready = bool(self.runners.get(pod.key)) and all(
                 r.status.ready for r in self.runners[pod.key])
+            if self.waypoints is not None and (rep := self.waypoints.replica(pod.key)):
+                ready = ready and rep.state == "serving"  # draining: out of the endpoints
             docs.append(pod_manifest(pod, ready))
         text = yaml.safe_dump_all(docs, sort_keys=False)
         if text != self._pods_written:
@@ -503,6 +582,8 @@ class Daemon:
             t.cancel()
         for fwd in self.forwarders:
             await fwd.stop()
+        if self.waypoints is not None:  # waypoint hook: autoscaler first
+            await self.waypoints.stop()
         runners = [r for rs in self.runners.values() for r in rs]
         await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
         if self.ambient is not None:  # ambient hook: ztunnels

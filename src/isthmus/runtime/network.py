@@ -129,6 +129,9 @@ class NetworkManager:
     runner: Runner = field(default_factory=SubprocessRunner)
     etc_root: Path = dns.NETNS_ETC
     injector: object | None = None  # a SidecarInjector when sidecars are on
+    # service key -> the pods that may be its endpoints (kube-proxy balances over ready
+    # endpoints only); services not named keep every planned endpoint (``waypoints``)
+    serving: dict[str, set[str]] = field(default_factory=dict)
 
     @property
     def ledger(self) -> Path:
@@ -181,9 +184,22 @@ class NetworkManager:
             raise NetworkError(f"pod {pod.key}: ambient capture rules: {exc}") from None
         self.install_service_rules(pod.netns)
 
+    def all_namespaces(self) -> list[str]:
+        """Every namespace with kube-proxy rules: the nodes and the pods."""
+        from isthmus.runtime import ambient
+
+        return [n.netns for n in ambient.nodes(self.plan)] + [p.netns for p in self.plan.pods]
+
     def install_service_rules(self, netns: str) -> None:
         restore = in_netns(netns, "iptables-restore", "--noflush")
-        self.runner.run(restore, input=kubeproxy.render_rules(self.plan))
+        plan = self.plan
+        if self.serving:
+            from dataclasses import replace
+
+            from isthmus.runtime.waypoints import serving_filter
+
+            plan = replace(plan, services=serving_filter(plan.services, self.serving))
+        self.runner.run(restore, input=kubeproxy.render_rules(plan))
         saved = self.runner.run(in_netns(netns, "iptables-save"))
         fix = kubeproxy.jump_fix_text(saved)
         if fix:

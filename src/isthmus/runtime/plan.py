@@ -189,6 +189,7 @@ class ServicePlan:
     cluster_ip: str  # "" for headless
     ports: tuple[ServicePortPlan, ...]
     selector: Mapping[str, str]
+    labels: Mapping[str, str] = field(default_factory=dict)  # e.g. istio.io/use-waypoint
 
     @property
     def key(self) -> str:
@@ -810,7 +811,8 @@ def _plan_service(ctx: _Ctx, res: Resource[Any], cluster_ip: str,
                                      tuple(endpoints)))
     if spec.selector and not selected:
         ctx.warn(res, f"selector {dict(spec.selector)} matches no pod", "spec.selector")
-    return ServicePlan(res.name, res.namespace, cluster_ip, tuple(ports), dict(spec.selector))
+    return ServicePlan(res.name, res.namespace, cluster_ip, tuple(ports), dict(spec.selector),
+                       dict(res.labels or {}))
 
 
 def _check_service_ports(ctx: _Ctx, resources: list[Resource[Any]],
