@@ -44,7 +44,9 @@ So a changed policy (e.g. RBAC in the chain) reaches keep-alive connections too.
 A listener named in ``core.listener_hooks`` (name -> ``async (listener, socket, remote)``)
 is handed the accepted socket right away instead: the waypoint serves its
 ``connect_terminate`` HBONE listener that way (``dataplane.waypoint``), while binding,
-LDS updates and drain stay here.
+LDS updates and drain stay here. A cluster whose ``pools`` offer ``tcp_tunnel(host,
+address)`` (``waypoint.upstream.HbonePoolMap``: ambient endpoints) gives tcp_proxy a
+relay side over an HBONE tunnel instead of a TCP connect.
 """
 
 from __future__ import annotations

@@ -12,22 +12,29 @@ proxy's L7 path, HBONE out - with no internal listener chain.
 * ``proxy``     ``install_waypoint`` / ``WaypointProxy``: the composition on
                 ``ProxyCore``/``Proxy`` (``isthmus proxy waypoint``)
 
-Hooks this package relies on elsewhere:
-* ``proxy.config.compile_routes`` compiles a CONNECT table with ``table.ConnectTable``;
-  ``HostSpec.tunnel`` / ``HostSpec.workload`` keep the endpoint metadata;
-* ``io.listeners.ListenerManager._serve`` hands sockets of a listener named in
-  ``core.listener_hooks`` to the hook.
+The same pieces give a **sidecar** HBONE (``proxy.install_hbone`` /
+``HboneSidecarProxy``): its ``connect_terminate`` listener's CONNECT table says
+``inner: inbound`` and ``WaypointServer`` runs the listener's inbound chain for the port
+(matched by ``transport_protocol: hbone``; sniffed on auto-detect ports) over the
+tunnel; its clusters with ambient endpoints get ``HbonePoolMap`` (per host: tunnel or
+ordinary pools; ``tcp_tunnel`` for tcp_proxy).
 
-Hooks proposed to their owners (the waypoint works around them meanwhile):
+Hooks this package relies on elsewhere:
+* ``proxy.config.compile_routes`` compiles a CONNECT table with ``table.ConnectTable``
+  (RDS, and inline route configs of an HCM: ``_hcm``); ``HostSpec.tunnel`` /
+  ``HostSpec.workload`` keep the endpoint metadata;
+* ``io.listeners.ListenerManager._serve`` hands sockets of a listener named in
+  ``core.listener_hooks`` to the hook; ``_tcp_proxy_inner`` asks
+  ``cluster.pools.tcp_tunnel(host, address)`` for a tunnel relay side.
+
+Hooks proposed to their owners (worked around meanwhile):
 * ``io.pools.Http1Pool._open``: move ``connect(...)`` + ``open_http1(...)`` into
   ``async def _connect(self) -> Http1Upstream`` so ``upstream.HboneHttp1Pool`` overrides
   only that instead of a copy of ``_open``'s accounting;
 * ``proxy.runtime``: ``Cluster.__init__`` taking ``pools`` (a mapping factory) or a
-  ``ClusterManager.on_new_cluster`` callback, instead of ``WaypointRuntimeManager``
-  re-wrapping ``Cluster.pools`` after each update;
-* ``controlplane/translate/waypoint.py``: endpoint metadata
-  ``isthmus.tunnel.identity`` (the workload's SPIFFE id) for an exact destination
-  check and SNI; the fault + cors HTTP filters on ``connect_terminate``'s HCM (the
-  data plane adds them for inner requests now); a network-RBAC form of the policies for
-  ``inner: tcp`` tunnels (HTTP-only rules are evaluated on connection attributes now).
+  ``ClusterManager.on_new_cluster`` callback, instead of ``HboneRuntimeManager``
+  re-wrapping ``Cluster.pools`` after each cluster/endpoint update;
+* ``cli.proxy`` (``isthmus proxy sidecar``): run ``HboneSidecarProxy`` (or call
+  ``install_hbone(core)`` before ``Proxy(...)``) for sidecars, single process
+  (``--concurrency 1``; workers would need the hook installed in each worker's core).
 """
