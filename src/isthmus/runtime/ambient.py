@@ -209,6 +209,22 @@ def apply_rules(netns: str) -> None:
     from isthmus.capture.ambient import build_ambient_rules
 
     apply_ruleset(build_ambient_rules(), SubprocessExecutor(netns=netns))
+    fix_service_jumps(netns)
+
+
+def fix_service_jumps(netns: str) -> None:
+    """kube-proxy's jumps where they belong after the capture rules changed (the ztunnel's
+    own connections DNATed first, everything else last; ``kubeproxy.jump_fix_text``)."""
+    from isthmus.runtime import kubeproxy
+    from isthmus.runtime.network import SubprocessRunner, in_netns
+
+    runner = SubprocessRunner()
+    saved = runner.run(in_netns(netns, "iptables-save"))
+    if "ISTHMUS-SERVICES" not in saved:
+        return  # kube-proxy rules come later (sandbox time): they fix the jumps then
+    fix = kubeproxy.jump_fix_text(saved)
+    if fix:
+        runner.run(in_netns(netns, "iptables-restore", "--noflush"), input=fix)
 
 
 def remove_rules(netns: str) -> None:

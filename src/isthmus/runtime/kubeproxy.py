@@ -129,6 +129,20 @@ def jump_rules() -> list[tuple[str, str, tuple[str, ...]]]:
     ]
 
 
+ZTUNNEL_MARK = "0x539/0xfff"
+ZTUNNEL_COMMENT = "isthmus-kubeproxy-ztunnel"
+
+
+def ztunnel_jump() -> tuple[str, ...]:
+    """The head-of-``nat OUTPUT`` jump for an ambient pod: the in-pod ztunnel's own
+    connections (``SO_MARK`` 0x539) to a ClusterIP - e.g. HBONE to a waypoint's Service
+    VIP - get kube-proxy's DNAT, as they would leaving a real pod. Needed first because
+    the ambient capture's ``nat OUTPUT`` ACCEPT matches ``0x100/0x100``, a bit 0x539 has
+    (``capture.ambient``), and would otherwise skip the DNAT."""
+    return ("-p", "tcp", "-m", "mark", "--mark", ZTUNNEL_MARK, "-m", "comment", "--comment",
+            ZTUNNEL_COMMENT, "-j", SERVICES_CHAIN)
+
+
 def jump_fix_text(saved: str) -> str:
     """Restore text that makes our jumps the *last* rules of their built-in chains.
 
@@ -154,6 +168,13 @@ def jump_fix_text(saved: str) -> str:
             if r == rule:
                 lines.append(f"-D {chain} {rule}")
         lines.append(f"-A {chain} {rule}")
+    if "isthmus-ambient" in saved:  # an ambient pod: ztunnel's own connections first
+        rule = " ".join(ztunnel_jump())
+        existing = current_rules.get(("nat", "OUTPUT"), [])
+        if not (existing and existing[0] == rule and existing.count(rule) == 1):
+            lines = per_table.setdefault("nat", [])
+            lines[:0] = [f"-D OUTPUT {rule}" for r in existing if r == rule] + [
+                f"-I OUTPUT 1 {rule}"]
     out: list[str] = []
     for table, lines in per_table.items():
         if lines:
