@@ -140,6 +140,13 @@ async def _run(xds_address: str, node, mode: str, admin_address: str,  # type: i
             xds_address, node, hbone_address=waypoint if waypoint is not True else None,
             mode=mode, admin_port=admin_port, admin_host=admin_address,
             drain_timeout=drain_timeout, core=core, **obs)
+    elif node.id.startswith("sidecar~") and concurrency == 1:
+        # HBONE for ambient interop: inbound on 15008 and tunnels to ambient workloads,
+        # enabled by what the control plane sends (nothing changes without ambient).
+        from isthmus.dataplane.waypoint.proxy import HboneSidecarProxy
+
+        p = HboneSidecarProxy(xds_address, node, mode=mode, admin_port=admin_port,
+                              admin_host=admin_address, drain_timeout=drain_timeout, core=core, **obs)
     else:
         p = Proxy(xds_address, node, mode=mode, admin_port=admin_port,
                   admin_host=admin_address, drain_timeout=drain_timeout, core=core, **obs)
@@ -147,7 +154,7 @@ async def _run(xds_address: str, node, mode: str, admin_address: str,  # type: i
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, p.request_stop)
     if concurrency > 1:
-        p.workers = WorkerPool(p.client.state, concurrency, log_level, mark)
+        p.workers = WorkerPool(p.client.state, concurrency, log_level, mark, core=core)
         p.workers.start()
     await p.start()
     logging.getLogger("isthmus.proxy").info(
