@@ -388,6 +388,34 @@ class Daemon:
 
     # ------------------------------------------------------------------ waiting
 
+    async def _wait_ztunnels_see_waypoints(self, timeout: float) -> bool:
+        """Until every node's ztunnel has each serving waypoint replica as a Healthy
+        workload (else its first connections to bound services fail closed)."""
+        from isthmus.runtime import ambient
+
+        assert self.plan is not None
+        want = {p.ip for keys in self.waypoints.serving().values() for k in keys
+                if (p := self.plan.pod(k)) is not None}
+        netnses = [n.netns for n in ambient.nodes(self.plan)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline and not self.stop_event.is_set():
+            texts = await asyncio.gather(*(admin_get(ns, "/config_dump", ambient.ZTUNNEL_ADMIN_PORT)
+                                           for ns in netnses), return_exceptions=True)
+            ok = True
+            for t in texts:
+                try:
+                    dump = json.loads(t) if isinstance(t, str) else {}
+                except ValueError:
+                    dump = {}
+                healthy = {ip for w in dump.get("workloads", ()) if w.get("status") == "Healthy"
+                           for ip in w.get("workloadIps", ())}
+                ok = ok and bool(dump) and want <= healthy
+            if ok:
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
     def pod_settled(self, key: str) -> tuple[bool, bool]:
         """(settled, ready) of a pod for `up`'s purposes."""
         runners = self.runners.get(key, [])
@@ -415,6 +443,10 @@ class Daemon:
                         CONVERGE_TIMEOUT):  # waypoint hook
                     self._diag("warning: waypoints have no serving replica yet (see "
                                "`isthmus status`, state.json 'waypoints')", False)
+                elif self.waypoints is not None and self.ambient is not None and \
+                        not await self._wait_ztunnels_see_waypoints(CONVERGE_TIMEOUT):
+                    self._diag("warning: ztunnels do not see a healthy waypoint replica yet; "
+                               "traffic to bound services fails closed until they do", False)
                 self._write_state()
                 self.report("ready", pods=len(states), failed=failed,
                             forwards=self.forward_info, state=str(self.state.path))
