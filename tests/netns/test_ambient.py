@@ -322,11 +322,6 @@ def test_non_mesh_client_reaches_ambient_server_in_plaintext(mesh: m.Mesh) -> No
     assert "result=ok" in lines[-1], lines[-1]
 
 
-@pytest.mark.xfail(reason="sidecars do not accept HBONE yet: WDS marks sidecar pods HBONE "
-                          "native_tunnel, so the ztunnel sends HBONE to <sidecar pod>:15008, "
-                          "but the control plane gives sidecars no 15008 listener "
-                          "(translate/listeners.py) and the sidecar's capture excludes 15008: "
-                          "connection refused", strict=False)
 def test_ambient_client_reaches_sidecar_server(mesh: m.Mesh) -> None:
     assert get(mesh, "amb/client", "http://web.sc/")[0] == "200"
 
