@@ -275,6 +275,9 @@ def test_waypoint_provisioned_and_bound(mesh: m.Mesh) -> None:
     row = next(r for r in rows if r["name"] == "waypoint")
     assert row["hostname"] == "waypoint.wp.svc.cluster.local", row
     assert "wp/reviews" in row["services"], row
+    assert row["runtime"]["serving"] == wp["serving"], row  # the runtime's replicas
+    text = mesh.cli("waypoint", "status", "waypoint", "-n", "wp")
+    assert "replicas 1 serving of 1 (min 1, max 2, target 4" in text, text
 
 
 def test_plain_traffic_passes_the_waypoint_once(mesh: m.Mesh) -> None:

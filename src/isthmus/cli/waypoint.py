@@ -138,9 +138,24 @@ def _proxies_for(wp: dict[str, Any], node_ids: list[str]) -> list[str]:
     return out
 
 
+def _runtime_replicas() -> dict[tuple[str, str], dict[str, Any]]:
+    """The local runtime's view of its waypoints (replicas, autoscaler), by (ns, name):
+    ``state.json`` of the cluster ``$ISTHMUS_CLUSTER`` when one runs; else empty."""
+    import os
+
+    from isthmus.runtime.state import DEFAULT_CLUSTER, StateDir
+
+    try:
+        st = StateDir.for_cluster(os.environ.get("ISTHMUS_CLUSTER", DEFAULT_CLUSTER)).read()
+    except (OSError, ValueError):
+        return {}
+    return {(w["namespace"], w["name"]): w for w in (st or {}).get("waypoints", ())}
+
+
 def _rows(controlplane: str, namespace: str | None) -> list[dict[str, Any]]:
     info = _ambientz(controlplane)
     connected = _connected_waypoints(controlplane)
+    runtime = _runtime_replicas()
     rows: list[dict[str, Any]] = []
     if info is not None:
         for wp in info.get("waypoints", []):
@@ -149,6 +164,9 @@ def _rows(controlplane: str, namespace: str | None) -> list[dict[str, Any]]:
             proxies = _proxies_for(wp, connected)
             rows.append({**wp, "proxies": proxies,
                          "status": "Programmed" if proxies else "Waiting for a waypoint proxy"})
+            rt = runtime.get((wp.get("namespace"), wp.get("name")))
+            if rt is not None:
+                rows[-1]["runtime"] = rt
         return rows
     status, data = request(controlplane, "GET", "/debug/configz")
     if status != 200:
@@ -182,10 +200,18 @@ def list_cmd(namespace: str | None, output: str, controlplane: str) -> None:
 
     table = [{"namespace": r["namespace"], "name": r["name"], "for": r.get("for", "?"),
               "address": r.get("address") or r.get("hostname", ""),
-              "programmed": "True" if r["proxies"] else "False"} for r in rows]
+              "programmed": "True" if r["proxies"] else "False",
+              "replicas": _replicas_cell(r.get("runtime"))} for r in rows]
     click.echo(render_table(table, [("NAMESPACE", "namespace"), ("NAME", "name"),
                                     ("TRAFFIC TYPE", "for"), ("ADDRESS", "address"),
-                                    ("PROGRAMMED", "programmed")]))
+                                    ("PROGRAMMED", "programmed"), ("REPLICAS", "replicas")]))
+
+
+def _replicas_cell(rt: dict[str, Any] | None) -> str:
+    if not rt:
+        return "-"
+    return (f"{len(rt.get('serving', []))}/{rt.get('replicas', 0)} "
+            f"({rt.get('minReplicas')}-{rt.get('maxReplicas')})")
 
 
 @waypoint.command("status")
@@ -205,6 +231,16 @@ def status_cmd(name: str | None, namespace: str, controlplane: str) -> None:
             click.echo(f"  service  {s}")
         for w in r.get("workloads", []):
             click.echo(f"  workload {w}")
+        rt = r.get("runtime")
+        if rt:  # the local runtime's replicas and autoscaler
+            click.echo(f"  replicas {len(rt.get('serving', []))} serving of "
+                       f"{rt.get('replicas')} (min {rt.get('minReplicas')}, max "
+                       f"{rt.get('maxReplicas')}, target {rt.get('targetConcurrency')} "
+                       "active connections per replica)")
+            for p in rt.get("pods", []):
+                click.echo(f"  pod      {p['name']} {p['ip']} {p['state']} load={p['load']}")
+            for e in rt.get("events", [])[-5:]:
+                click.echo(f"  event    {e}")
     info = _ambientz(controlplane)
     for problem in (info or {}).get("problems", []):
         if f" {namespace}/" in problem:

@@ -8,11 +8,16 @@ What Istio's gateway deployment controller plus an HPA do on Kubernetes:
   ``gateway.networking.k8s.io/gateway-name: <name>`` and ``istio.io/gateway-name``,
   never injected) running ``isthmus proxy waypoint`` (node id
   ``waypoint~IP~POD.NS~NS.svc.cluster.local``; readiness ``/healthz/ready`` on 15021;
-  admin 15000; Istio stats on 15090), and a ClusterIP Service ``<name>`` with the same
-  label (``mesh`` 15008, ``status-port`` 15021). The control plane resolves the
-  waypoint's address to that Service's VIP (``controlplane.model.ambient``), so a
-  ztunnel tunnels to ``VIP:15008`` and the pod's kube-proxy DNAT picks a replica per
-  HBONE connection. The identity layer (``identity.with_agents``) gives each replica an
+  admin 15000; Istio stats on 15090), and a Service ``<name>`` with the same label
+  (``mesh`` 15008, ``status-port`` 15021). The Service is **headless for now**: the
+  control plane then gives ztunnels the hostname form of the waypoint address
+  (``controlplane.model.ambient``), which the ztunnel resolves to a healthy replica
+  (its identity checked). With a VIP the ztunnel would tunnel to ``VIP:15008`` with no
+  peer identity, which its HBONE client cannot do (TLS without ``server_hostname``);
+  once ``dataplane.state.MeshState.resolve_gateway`` resolves a VIP to the Service's
+  healthy endpoints and picks one per connection, the Service can take a VIP (Istio's
+  shape) and connections spread over replicas (kube-proxy DNAT for the ztunnel's own
+  connections is in place: ``kubeproxy.ztunnel_jump``). The identity layer (``identity.with_agents``) gives each replica an
   agent with a certificate for ``spiffe://cluster.local/ns/<ns>/sa/<name>``. The
   ambient layer never captures these pods (``ambient.plan_mode``: mode ``waypoint``).
 * **Replicas**: annotations on the Gateway ``isthmus.io/min-replicas`` (default 1),
@@ -22,9 +27,11 @@ What Istio's gateway deployment controller plus an HPA do on Kubernetes:
   from the start); ``min`` run, the others are *standby* (no processes, not ready, no
   endpoints).
 * **Endpoints**: the Service's endpoints are the *serving* replicas only (running,
-  ready, not draining): ``serving_filter`` feeds kube-proxy's rendering
-  (``NetworkManager.serving``), rewritten in every pod and node namespace when the set
-  changes; the control plane sees readiness through the pods' ``isthmus.io/ready``.
+  ready, not draining): the control plane sees it through the pods' ``isthmus.io/ready``
+  (WDS: Healthy/Unhealthy workloads, what the ztunnels pick from), and
+  ``serving_filter`` feeds kube-proxy's rendering (``NetworkManager.serving``, for a
+  VIP), rewritten in every pod and node namespace when the set changes. ``up`` waits
+  until every ztunnel has the serving replicas as Healthy workloads.
 * **Autoscaler** (``WaypointManager``, every second): each serving replica's admin
   ``/stats`` gives its active downstream connections (``load_from_stats``: the
   ``http.*.downstream_cx_active`` gauges, one per HBONE tunnel carrying HTTP, plus
