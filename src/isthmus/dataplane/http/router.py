@@ -88,6 +88,12 @@ _CONSUMED = frozenset((
     "x-envoy-upstream-rq-timeout-ms", "x-envoy-upstream-rq-per-try-timeout-ms",
     "x-envoy-expected-rq-timeout-ms", "x-envoy-hedge-on-per-try-timeout"))
 _SKIP_UP = _HOP | _CONSUMED
+#: request headers that change the retry policy or the timeouts (merged_retry_policy,
+#: request_timeouts)
+_CONTROL_HEADERS = frozenset((
+    "x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries",
+    "x-envoy-retriable-status-codes", "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms"))
 _REFUSED_STREAM = 0x7  # HTTP/2 REFUSED_STREAM error code
 _RESP_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection",
                        b"transfer-encoding", b"upgrade"))
@@ -361,8 +367,15 @@ async def _forward(st: Any, decision: RouteDecision, cluster: Any, hdict: dict[s
     loop = asyncio.get_running_loop()
     ctx = st.conn.ctx
     cs = cluster.stats
-    retry = merged_retry_policy(action.retry_policy, hdict)
-    timeout, per_try = request_timeouts(action.timeout_s, retry, hdict)
+    if _CONTROL_HEADERS.isdisjoint(hdict):  # the usual case: the route's policy as is
+        retry = action.retry_policy
+        timeout = action.timeout_s
+        per_try = retry.per_try_timeout_s if retry is not None else None
+        if per_try is not None and timeout is not None and per_try >= timeout:
+            per_try = None
+    else:
+        retry = merged_retry_policy(action.retry_policy, hdict)
+        timeout, per_try = request_timeouts(action.timeout_s, retry, hdict)
     # -- request head (static across attempts except the attempt count)
     hmap: Mapping[str, Any] = hdict
     if decision.request_headers:
