@@ -102,8 +102,11 @@ class AmbientCaptureBuilder:
         for port in cfg.exclude_outbound_ports:
             b.append("mangle", ZT_OUTPUT, "-p", "tcp", "--dport", str(port), "-j", "RETURN")
         b.append("mangle", ZT_OUTPUT, "-p", "tcp", "-j", "MARK", "--set-xmark", divert)
-        # kube-proxy's DNAT (nat OUTPUT, appended later by the runtime) must not rewrite it
-        b.insert("nat", "OUTPUT", 1, "-p", "tcp", "-m", "mark", "--mark", divert, "-j", "ACCEPT")
+        # kube-proxy's DNAT (nat OUTPUT, appended later by the runtime) must not rewrite it.
+        # Matched exactly under the mask: ztunnel's own 0x539 has the 0x100 bit too, and its
+        # connections to a Service IP must still be DNATed.
+        exact_divert = f"{cfg.divert_mark:#x}/{cfg.mark_mask:#x}"
+        b.insert("nat", "OUTPUT", 1, "-p", "tcp", "-m", "mark", "--mark", exact_divert, "-j", "ACCEPT")
 
         b.append("mangle", "PREROUTING", "-j", ZT_PRERT)
         # 0x539 has the 0x100 bit set: ztunnel's own packets (delivery to the app over lo)

@@ -58,7 +58,7 @@ def test_order_of_prerouting() -> None:
 
 def test_kube_proxy_dnat_skipped_for_diverted_packets() -> None:
     nat = _chain("nat", "OUTPUT")
-    assert nat == ["-p tcp -m mark --mark 0x100/0x100 -m comment --comment isthmus-ambient -j ACCEPT"]
+    assert nat == ["-p tcp -m mark --mark 0x100/0xfff -m comment --comment isthmus-ambient -j ACCEPT"]
     rs = build_ambient_rules()
     (chain,) = [c for t in rs.ipv4 if t.name == "nat" for c in t.chains]
     assert chain.head and not chain.tail  # inserted at the top: before ISTHMUS-SERVICES
