@@ -71,12 +71,13 @@ def _setns(fd: int) -> None:
 
 
 class NetnsWorker:
-    """Creates sockets inside one network namespace (a path, or an open fd we dup)."""
+    """Creates sockets inside one network namespace (a path, or an open fd we dup;
+    ``label`` names an fd's namespace in messages, e.g. the path it was opened from)."""
 
-    def __init__(self, netns: str | int) -> None:
+    def __init__(self, netns: str | int, label: str | None = None) -> None:
         if isinstance(netns, int):
             self.fd = os.dup(netns)
-            self.path = f"fd:{netns}"
+            self.path = label or f"fd:{netns}"
         else:
             self.path = netns
             try:
@@ -222,15 +223,28 @@ class PodControlServer:
         self.path = Path(path)
         self.handler = handler
         self._server: asyncio.AbstractServer | None = None
+        self.lsock: socket.socket | None = None
 
-    async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(self.path.lstat().st_mode):
-                self.path.unlink()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._server = await asyncio.start_unix_server(self._serve, str(self.path),
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Serve ``path`` (bound afresh), or ``sock``: the listening socket a previous
+        ztunnel handed over (bound to the same path)."""
+        if sock is None:
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(self.path.lstat().st_mode):
+                    self.path.unlink()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(str(self.path))
+                os.chmod(self.path, 0o600)
+                sock.listen(64)
+            except OSError:
+                sock.close()
+                raise
+        sock.setblocking(False)
+        self.lsock = sock
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock,
                                                        limit=MAX_REQUEST)
-        os.chmod(self.path, 0o600)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -255,12 +269,17 @@ class PodControlServer:
         finally:
             writer.close()
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+    async def stop(self, unlink: bool = True) -> None:
+        """Stop accepting (requests in progress finish). ``unlink=False`` after a
+        handover: the path is the successor's socket now."""
+        if self._server is None:
+            return
+        self._server.close()
+        self._server = None
+        self.lsock = None
+        if unlink:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
 
 
 def pod_control_request(path: str | Path, request: dict[str, Any],

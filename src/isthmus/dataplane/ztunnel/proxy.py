@@ -59,7 +59,14 @@ from isthmus.dataplane.state.model import ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_U
 from isthmus.dataplane.ztunnel.addressing import NodeAddressing, PodAddressing, Resolver
 from isthmus.dataplane.ztunnel.admin import ZtunnelAdmin
 from isthmus.dataplane.ztunnel.certs import CertificateManager, Fetch, ImpersonatingFetcher
-from isthmus.dataplane.ztunnel.handover import HandoverClient, HandoverServer
+from isthmus.dataplane.ztunnel.handover import (
+    HANDOVER,
+    POD_CONTROL,
+    HandoverClient,
+    HandoverServer,
+    HandoverState,
+    PodHandover,
+)
 from isthmus.dataplane.ztunnel.inpod import (
     ZTUNNEL_MARK,
     InPod,
@@ -74,6 +81,7 @@ log = logging.getLogger(__name__)
 
 OUTBOUND, INBOUND, INBOUND_PLAIN, ADMIN = "outbound", "inbound", "inbound_plain", "admin"
 PROXY_V1_MAX = 107
+HANDOVER_READY_TIMEOUT = 15.0
 
 
 @dataclass
@@ -155,6 +163,10 @@ class _Acceptor:
         except Exception:
             log.exception("%s connection from %s:%d failed", self.name, *peer)
             conn.close()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
 
     def stop_accepting(self) -> None:
         if self._task is not None:
@@ -244,6 +256,8 @@ class Ztunnel:
         self.pods: dict[str, InPod] = {}  # in-pod mode, by pod uid
         self._podctl: PodControlServer | None = None
         self._pod_lock = asyncio.Lock()
+        self._frozen = False  # a successor took (is taking) our sockets: no pod changes
+        self._handed_over = False  # ... and asked us to drain: the socket paths are its
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -258,20 +272,76 @@ class Ztunnel:
             ca_roots=file_reader(o.ca_root_cert) if o.ca_root_cert else None,
             server_name=o.ca_server_name, ttl_seconds=o.cert_ttl_seconds)
 
-    async def start(self, sockets: dict[str, socket.socket] | None = None) -> None:
-        """Bind (or adopt handed-over ``sockets``), start serving and the xDS client."""
+    async def start(self, sockets: HandoverState | dict[str, socket.socket] | None = None
+                    ) -> None:
+        """Bind (or adopt handed-over ``sockets``), start serving and the xDS client.
+
+        With ``handover_socket`` set and a ztunnel answering there, take everything it
+        listens on (node level, and in in-pod mode every pod's listeners, namespace and
+        the pod-control socket), start accepting, then ask it to drain."""
         o = self.options
         handover: HandoverClient | None = None
         if sockets is None and o.handover_socket is not None and Path(o.handover_socket).exists():
             try:
                 handover = await asyncio.to_thread(HandoverClient, o.handover_socket)
-                sockets = await asyncio.to_thread(handover.listeners)
-                log.info("took over listening sockets %s from the running ztunnel",
-                         sorted(sockets))
+                sockets = await asyncio.to_thread(handover.take_over)
+                log.info("took over listening sockets %s and %d pod(s) from the running "
+                         "ztunnel", sorted(sockets.sockets), len(sockets.pods))
             except OSError as exc:
                 log.info("no ztunnel to take over from (%s); binding fresh listeners", exc)
+                if handover is not None:
+                    handover.close()
                 handover = None
-        sockets = dict(sockets or {})
+        state = sockets if isinstance(sockets, HandoverState) else HandoverState(
+            sockets=dict(sockets or {}))
+        try:
+            await self._adopt(state)
+        except BaseException:
+            state.close()
+            raise
+        self.certs.start()
+        if o.xds_address:
+            self._start_xds()
+        if handover is not None and self.ads is not None:
+            # the previous one serves on meanwhile: accept only once we know the workloads
+            self._started = True
+            if not await self.wait_ready(HANDOVER_READY_TIMEOUT):
+                log.warning("no workload discovery after %gs; taking over anyway",
+                            HANDOVER_READY_TIMEOUT)
+        for a in self.acceptors.values():
+            a.start()
+        for pod in self.pods.values():
+            for a in pod.acceptors.values():
+                if not a.running:
+                    a.start()
+        self._started = True
+        if handover is not None:
+            ok = await asyncio.to_thread(handover.drain)
+            handover.close()
+            log.info("asked the previous ztunnel to drain (%s)", "ok" if ok else "no answer")
+        hsock = state.sockets.pop(HANDOVER, None)
+        csock = state.sockets.pop(POD_CONTROL, None)
+        if o.handover_socket is not None:
+            self._handover = HandoverServer(o.handover_socket, self._handover_state,
+                                            self._drain_for_successor, self._freeze,
+                                            listening_socket=hsock)
+            self._handover.start()
+        elif hsock is not None:
+            hsock.close()
+        if o.pod_control is not None:
+            self._podctl = PodControlServer(o.pod_control, self.control)
+            await self._podctl.start(csock)
+            log.info("in-pod mode: pods are added over %s%s", o.pod_control,
+                     " (socket taken over)" if csock is not None else "")
+        elif csock is not None:
+            csock.close()
+        log.info("ztunnel for node %s: %s", o.node, ", ".join(
+            f"{n} {o.listen_address}:{a.port}" for n, a in self.acceptors.items()))
+
+    async def _adopt(self, state: HandoverState) -> None:
+        """Acceptors on the handed-over sockets (else freshly bound ones), and the
+        handed-over pods (in-pod mode). Closes what it does not use."""
+        o = self.options
         tproxy = o.original_dst == "tproxy"
         wanted = {OUTBOUND: (o.outbound_port, tproxy), INBOUND: (o.inbound_port, tproxy),
                   INBOUND_PLAIN: (o.inbound_plain_port, tproxy), ADMIN: (o.admin_port, False)}
@@ -280,30 +350,35 @@ class Ztunnel:
         for name, (port, transparent) in wanted.items():
             if port < 0 or (o.pod_control is not None and name != ADMIN):
                 continue
-            sock = sockets.pop(name, None) or _bind(o.listen_address, port, transparent)
+            sock = state.sockets.pop(name, None) or _bind(o.listen_address, port, transparent)
             self.acceptors[name] = _Acceptor(name, sock, handlers[name])
-        for s in sockets.values():
-            s.close()
-        self.certs.start()
-        if o.xds_address:
-            self._start_xds()
-        for a in self.acceptors.values():
-            a.start()
-        self._started = True
-        if handover is not None:
-            ok = await asyncio.to_thread(handover.drain)
-            handover.close()
-            log.info("asked the previous ztunnel to drain (%s)", "ok" if ok else "no answer")
-        if o.handover_socket is not None:
-            self._handover = HandoverServer(o.handover_socket, self._listening_sockets,
-                                            self.drain_and_stop)
-            self._handover.start()
-        if o.pod_control is not None:
-            self._podctl = PodControlServer(o.pod_control, self.control)
-            await self._podctl.start()
-            log.info("in-pod mode: pods are added over %s", o.pod_control)
-        log.info("ztunnel for node %s: %s", o.node, ", ".join(
-            f"{n} {o.listen_address}:{a.port}" for n, a in self.acceptors.items()))
+        for name in [n for n in state.sockets if n not in (HANDOVER, POD_CONTROL)]:
+            state.sockets.pop(name).close()
+        pods, state.pods = state.pods, []
+        for ph in pods:
+            if o.pod_control is None:
+                ph.close()
+                continue
+            try:
+                await self._adopt_pod(ph)
+            except (OSError, ValueError) as exc:
+                log.warning("pod %s from the previous ztunnel: %s (the runtime's next sync "
+                            "adds it again)", ph.name, exc)
+            finally:
+                ph.close()
+
+    async def _adopt_pod(self, ph: PodHandover) -> None:
+        worker = await asyncio.to_thread(NetnsWorker, ph.netns_fd, ph.netns or None)
+        sockets, ph.sockets = ph.sockets, {}
+        try:
+            async with self._pod_lock:
+                await self._add_pod(ph.netns or worker.path, ph.ip, ph.uid, ph.name,
+                                    worker=worker, sockets=sockets, accept=False)
+        except BaseException:
+            for sk in sockets.values():
+                sk.close()
+            worker.close()
+            raise
 
     def _start_xds(self) -> None:
         from envoy.config.core.v3 import base_pb2
@@ -353,6 +428,36 @@ class Ztunnel:
     def _listening_sockets(self) -> dict[str, socket.socket]:
         return {n: a.sock for n, a in self.acceptors.items()}
 
+    async def _handover_state(self) -> HandoverState:
+        """What a successor takes: node-level listeners, the control channels' sockets
+        and every pod (registry entry, listeners, namespace). Called frozen."""
+        async with self._pod_lock:  # an add in progress completes first
+            state = HandoverState(sockets=self._listening_sockets())
+            if self._handover is not None and self._handover.listening_socket is not None:
+                state.sockets[HANDOVER] = self._handover.listening_socket
+            if self._podctl is not None and self._podctl.lsock is not None:
+                state.sockets[POD_CONTROL] = self._podctl.lsock
+            for pod in self.pods.values():
+                # the fds stay ours: they are duplicated into the message
+                state.pods.append(PodHandover(
+                    uid=pod.uid, name=pod.name, ip=pod.ip, netns=pod.netns,
+                    netns_fd=pod.worker.fd,
+                    sockets={n: a.sock for n, a in pod.acceptors.items()}))
+            return state
+
+    def _freeze(self, frozen: bool) -> None:
+        self._frozen = frozen
+        log.info("pod changes %s (handover to a new ztunnel %s)",
+                 "refused" if frozen else "accepted again",
+                 "in progress" if frozen else "abandoned")
+
+    async def _drain_for_successor(self) -> None:
+        self._handed_over = True
+        self._frozen = True
+        if self._podctl is not None:  # the path is the successor's socket now
+            await self._podctl.stop(unlink=False)
+        await self.drain_and_stop()
+
     def port(self, name: str) -> int:
         return self.acceptors[name].port
 
@@ -368,7 +473,7 @@ class Ztunnel:
         if self._handover is not None:
             self._handover.stop()
         if self._podctl is not None:
-            await self._podctl.stop()
+            await self._podctl.stop(unlink=not self._handed_over)
         self.hbone.drain()
         self.pool.close(graceful=True)
         tasks = {t for name, a in self.acceptors.items() if name != ADMIN for t in a.active}
@@ -397,7 +502,7 @@ class Ztunnel:
         if self._handover is not None:
             self._handover.stop()
         if self._podctl is not None:
-            await self._podctl.stop()
+            await self._podctl.stop(unlink=not self._handed_over)
         for uid in list(self.pods):
             self._close_pod(self.pods.pop(uid), graceful=False)
         self.pool.close(graceful=False)
@@ -644,17 +749,31 @@ class Ztunnel:
         listeners 127.0.0.1:15001, 0.0.0.0:15006 and 0.0.0.0:15008 there (transparent).
         Idempotent for the same namespace and IP; a changed one is replaced."""
         async with self._pod_lock:
+            self._check_not_frozen()
             return await self._add_pod(netns, pod_ip, uid, name)
 
-    async def _add_pod(self, netns: str | int, pod_ip: str, uid: str, name: str) -> InPod:
+    def _check_not_frozen(self) -> None:
+        if self._frozen:
+            raise OSError(errno.EAGAIN, "this ztunnel is handing over to a new one: retry "
+                                        "(the new one takes the pod-control socket)")
+
+    async def _add_pod(self, netns: str | int, pod_ip: str, uid: str, name: str, *,
+                       worker: NetnsWorker | None = None,
+                       sockets: dict[str, socket.socket] | None = None,
+                       accept: bool = True) -> InPod:
+        """``worker`` and ``sockets`` (listener name -> listening socket in that
+        namespace): a pod handed over by the previous ztunnel, adopted as it is
+        (``accept=False``: ``start`` starts its acceptors once ready)."""
         if not uid:
             raise ValueError("a pod needs a uid")
         old = self.pods.get(uid)
         if old is not None:
-            if isinstance(netns, str) and old.same(netns, pod_ip):
+            if worker is None and isinstance(netns, str) and old.same(netns, pod_ip):
                 return old
             self._close_pod(self.pods.pop(uid), graceful=True)
-        worker = await asyncio.to_thread(NetnsWorker, netns)
+        if worker is None:
+            worker = await asyncio.to_thread(NetnsWorker, netns)
+        sockets = dict(sockets or {})
         o = self.options
         pod = InPod(uid=uid, name=name or uid, ip=pod_ip,
                     netns=netns if isinstance(netns, str) else f"fd:{netns}", worker=worker,
@@ -673,25 +792,33 @@ class Ztunnel:
         specs = ((OUTBOUND, "127.0.0.1", o.outbound_port, outbound),
                  (INBOUND_PLAIN, "0.0.0.0", o.inbound_plain_port, plain),
                  (INBOUND, "0.0.0.0", o.inbound_port, pod.hbone.handle))
+        adopted = bool(sockets)
         try:
             for lname, host, port, handler in specs:
-                sock = await asyncio.to_thread(bind_in_netns, worker, host, port)
+                sock = sockets.pop(lname, None)
+                if sock is None:
+                    sock = await asyncio.to_thread(bind_in_netns, worker, host, port)
                 pod.acceptors[lname] = _Acceptor(f"{lname}[{pod.name}]", sock, handler)
         except OSError:
             for a in pod.acceptors.values():
                 a.sock.close()
             worker.close()
             raise
-        for a in pod.acceptors.values():
-            a.start()
+        finally:
+            for extra in sockets.values():
+                extra.close()
+        if accept:
+            for a in pod.acceptors.values():
+                a.start()
         self.pods[uid] = pod
-        log.info("pod %s (%s, %s): listening in its network namespace", pod.name, pod_ip,
-                 pod.netns)
+        log.info("pod %s (%s, %s): %s in its network namespace", pod.name, pod_ip,
+                 pod.netns, "listeners taken over" if adopted else "listening")
         return pod
 
     async def remove_pod(self, uid: str) -> bool:
         """Stop serving pod ``uid``: its listeners close, open connections finish."""
         async with self._pod_lock:
+            self._check_not_frozen()
             pod = self.pods.pop(uid, None)
             if pod is None:
                 return False
@@ -730,6 +857,8 @@ class Ztunnel:
     async def control(self, req: dict[str, Any]) -> dict[str, Any]:
         """One request of the in-pod control channel (``inpod`` module doc)."""
         op = req.get("op")
+        if op != "list":
+            self._check_not_frozen()
         if op == "add":
             await self.add_pod(str(req["netns"]), str(req["ip"]), str(req["uid"]),
                                str(req.get("name", "")))
