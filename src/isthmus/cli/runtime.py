@@ -73,11 +73,14 @@ def _validate_cluster(cluster: str) -> str:
               help="Inject sidecars into pods that ask (auto: when the proxy is available).")
 @click.option("--controlplane/--no-controlplane", default=True, show_default=True,
               help="Run the control plane inside the node namespace.")
+@click.option("--nodes", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Nodes node-1..node-N (each its own network namespace); pods without "
+                   "spec.nodeName are spread across them.")
 @click.option("--timeout", type=float, default=120.0, show_default=True,
               help="Seconds to wait for the pods to become ready.")
 @name_option
 def up(directory: tuple[Path, ...], ingress_port: int, api_port: int, sidecars: str,
-       controlplane: bool, timeout: float, cluster: str) -> None:
+       controlplane: bool, nodes: int, timeout: float, cluster: str) -> None:
     """Run the Kubernetes manifests and mesh config in DIRECTORY as a local cluster."""
     _check_privileges()
     cluster = _validate_cluster(cluster)
@@ -102,7 +105,7 @@ def up(directory: tuple[Path, ...], ingress_port: int, api_port: int, sidecars: 
     read_fd, write_fd = os.pipe()
     argv = [sys.executable, "-m", "isthmus.runtime.daemon", "--state-dir", str(state.path),
             "--cluster", cluster, "--ingress-port", str(ingress_port), "--api-port", str(api_port),
-            "--sidecars", sidecars, "--ready-fd", str(write_fd)]
+            "--sidecars", sidecars, "--ready-fd", str(write_fd), "--nodes", str(nodes)]
     for d in directory:
         argv += ["--manifests", str(d.resolve())]
     if not controlplane:

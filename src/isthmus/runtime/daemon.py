@@ -86,6 +86,7 @@ class DaemonOptions:
     sidecars: str = "auto"  # auto | on | off
     controlplane: bool = True
     ready_fd: int | None = None
+    nodes: int = 1
     backoff: Backoff = field(default_factory=Backoff)
 
 
@@ -225,7 +226,7 @@ class Daemon:
                     f"target {s.policy.target} connections)" for s in self.waypoint_specs))
         want_sidecars = self.opts.sidecars == "on" or (
             self.opts.sidecars == "auto" and proxy_available())
-        plan = build_plan(resources, PlanOptions(cluster=self.opts.cluster,
+        plan = build_plan(resources, PlanOptions(cluster=self.opts.cluster, nodes=self.opts.nodes,
                                                         inject=want_sidecars, xds_port=XDS_PORT))
         for d in plan.diagnostics:
             self._diag(str(d), d.severity is Severity.ERROR)
@@ -763,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sidecars", choices=("auto", "on", "off"), default="auto")
     ap.add_argument("--no-controlplane", action="store_true")
     ap.add_argument("--ready-fd", type=int)
+    ap.add_argument("--nodes", type=int, default=1)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -770,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
         manifests=[Path(m).resolve() for m in args.manifests], cluster=args.cluster,
         state=StateDir(Path(args.state_dir)), ingress_port=args.ingress_port or None,
         api_port=args.api_port, sidecars=args.sidecars, controlplane=not args.no_controlplane,
-        ready_fd=args.ready_fd)
+        ready_fd=args.ready_fd, nodes=max(1, args.nodes))
 
     async def go() -> int:
         return await Daemon(opts).run()

@@ -21,6 +21,8 @@ Neighbours: ``images`` (image map), ``inject`` (sidecar containers), ``network``
 
 from __future__ import annotations
 
+import dataclasses
+
 import base64
 import hashlib
 import ipaddress
@@ -207,6 +209,7 @@ class PlanOptions:
     cluster_domain: str = CLUSTER_DOMAIN
     inject: bool = False  # add sidecars to pods that ask for them
     xds_port: int = 15010
+    nodes: int = 1  # node-1..node-N; pods without spec.nodeName are spread round-robin
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,6 +414,10 @@ def build_plan(resources: Sequence[Resource[Any]], options: PlanOptions = PlanOp
 
     node_ips = NodeIpAllocator(pod_net)
     for i, src in enumerate(sources):
+        if not src.spec.node_name and options.nodes > 1:
+            # `isthmus up --nodes N`: spread unpinned pods like a scheduler would
+            src = dataclasses.replace(src, spec=dataclasses.replace(
+                src.spec, node_name=f"node-{i % options.nodes + 1}"))
         node_ip = node_ips.allocate(src.spec.node_name)
         if node_ip is None:
             ctx.error(src.owner_res, f"node {src.spec.node_name or 'node-1'}'s pod range is "
