@@ -21,9 +21,8 @@ Neighbours: ``images`` (image map), ``inject`` (sidecar containers), ``network``
 
 from __future__ import annotations
 
-import dataclasses
-
 import base64
+import dataclasses
 import hashlib
 import ipaddress
 import re
