@@ -260,8 +260,8 @@ def test_waypoint_provisioned_and_bound(mesh: m.Mesh) -> None:
     assert wp["replicas"] == 1 and len(wp["serving"]) == 1, wp
     assert [p["state"] for p in wp["pods"]].count("standby") == 1, wp
     svc = next(s for s in st["services"] if s["namespace"] == "wp" and s["name"] == "waypoint")
-    # headless until the ztunnel resolves a waypoint VIP to a replica (see the module doc)
-    assert svc["clusterIP"] == "None"
+    # a VIP (Istio's shape): the ztunnel resolves it to a replica per connection
+    assert svc["clusterIP"] not in ("None", ""), svc
     assert {p["port"] for p in svc["ports"]} == {15008, 15021}
     assert [e for p in svc["ports"] for e in p["endpoints"]] == [
         f"{ip}:{port}" for port in (15008, 15021) for ip in
@@ -384,7 +384,7 @@ def test_authorization_policy_on_the_waypoint_denies_get(mesh: m.Mesh, tmp_path:
     assert wait(lambda: batch(mesh, 1)[0][0] == 200, 20)
 
 
-SCALE: dict[str, dict[str, float]] = {}  # per-replica requests during the load (for the xfail)
+SCALE: dict[str, dict[str, float]] = {}  # per-replica requests during the load
 
 
 def test_scale_out_under_load_and_back(mesh: m.Mesh) -> None:
@@ -422,14 +422,6 @@ def test_scale_out_under_load_and_back(mesh: m.Mesh) -> None:
     assert all(c == 200 for c, _ in replies), replies
 
 
-@pytest.mark.xfail(reason="ztunnel picks one waypoint replica for every connection: "
-                          "MeshState.resolve_gateway (dataplane/state/stores.py) returns the "
-                          "first healthy endpoint of the waypoint's service (hostname form), "
-                          "and a waypoint Service VIP is not resolved to a replica at all "
-                          "(no workload -> no identity -> HbonePool TLS without "
-                          "server_hostname fails). Fix: resolve the VIP/hostname to the "
-                          "service's healthy endpoints and choose one per connection (random "
-                          "or least-loaded), identity = the chosen workload's", strict=False)
 def test_scaled_out_replicas_share_new_connections(mesh: m.Mesh) -> None:
     during = SCALE.get("during")
     if not during:

@@ -9,16 +9,15 @@ What Istio's gateway deployment controller plus an HPA do on Kubernetes:
   never injected) running ``isthmus proxy waypoint`` (node id
   ``waypoint~IP~POD.NS~NS.svc.cluster.local``; readiness ``/healthz/ready`` on 15021;
   admin 15000; Istio stats on 15090), and a Service ``<name>`` with the same label
-  (``mesh`` 15008, ``status-port`` 15021). The Service is **headless for now**: the
-  control plane then gives ztunnels the hostname form of the waypoint address
-  (``controlplane.model.ambient``), which the ztunnel resolves to a healthy replica
-  (its identity checked). With a VIP the ztunnel would tunnel to ``VIP:15008`` with no
-  peer identity, which its HBONE client cannot do (TLS without ``server_hostname``);
-  once ``dataplane.state.MeshState.resolve_gateway`` resolves a VIP to the Service's
-  healthy endpoints and picks one per connection, the Service can take a VIP (Istio's
-  shape) and connections spread over replicas (kube-proxy DNAT for the ztunnel's own
-  connections is in place: ``kubeproxy.ztunnel_jump``). The identity layer (``identity.with_agents``) gives each replica an
-  agent with a certificate for ``spiffe://cluster.local/ns/<ns>/sa/<name>``. The
+  (``mesh`` 15008, ``status-port`` 15021). The Service has a VIP (Istio's shape): the
+  control plane gives ztunnels that VIP as the waypoint address
+  (``controlplane.model.ambient``), and the ztunnel resolves it to the Service's healthy
+  replicas, picking one per connection with that replica's identity as the HBONE peer
+  (``dataplane.state.MeshState.resolve_gateway``), so new connections spread over the
+  replicas; it tunnels to the chosen pod's IP directly (kube-proxy DNAT for the
+  ztunnel's own connections to a VIP is in place anyway: ``kubeproxy.ztunnel_jump``).
+  The identity layer (``identity.with_agents``) gives each replica an agent with a
+  certificate for ``spiffe://cluster.local/ns/<ns>/sa/<name>``. The
   ambient layer never captures these pods (``ambient.plan_mode``: mode ``waypoint``).
 * **Replicas**: annotations on the Gateway ``isthmus.io/min-replicas`` (default 1),
   ``isthmus.io/max-replicas`` (3), ``isthmus.io/target-concurrency`` (100 active
@@ -196,7 +195,7 @@ def manifests(spec: WaypointSpec, xds_address: str,
                                             spec.name, spec.namespace, xds_address, python)]}}}},
         {"apiVersion": "v1", "kind": "Service",
          "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": dict(labels)},
-         "spec": {"selector": dict(labels), "clusterIP": "None",
+         "spec": {"selector": dict(labels),
                   "ports": [{"name": "mesh", "port": HBONE_PORT, "targetPort": HBONE_PORT,
                              "protocol": "TCP"},
                             {"name": "status-port", "port": HEALTH_PORT,

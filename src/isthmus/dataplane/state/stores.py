@@ -13,7 +13,9 @@
 
 Routing (``destination_for``), as Istio's ztunnel:
 1. a service VIP: when the service has a waypoint, go to the waypoint (HBONE, the
-   original ``VIP:port`` as the tunnel target); else pick a healthy endpoint workload
+   original ``VIP:port`` as the tunnel target; a waypoint given as a Service VIP or
+   hostname resolves to one of its healthy replicas per connection, ``resolve_gateway``,
+   whose SPIFFE id the peer must present); else pick a healthy endpoint workload
    serving that port (``chooser``, random by default), target port from the workload's
    port map;
 2. a workload IP: when the workload has a waypoint, go to it; else the workload itself
@@ -180,6 +182,9 @@ class MeshState:
         self.workloads = WorkloadStore()
         self.services = ServiceStore()
         self.policies = PolicyStore(root_namespace)
+        # picks a waypoint replica per connection (None: random); the ztunnel may set a
+        # least-outstanding one
+        self.gateway_chooser: Chooser | None = None
 
     # ------------------------------------------------------------------ lookups
 
@@ -197,19 +202,53 @@ class MeshState:
                 out.append((w, target))
         return out
 
-    def resolve_gateway(self, g: GatewayAddress) -> tuple[Workload | None, tuple[str, int] | None]:
-        """A waypoint's workload (for its identity) and HBONE address."""
+    def gateway_service(self, g: GatewayAddress) -> Service | None:
+        """The Service behind a waypoint address: its VIP (``g.ip``) or its
+        ``namespace/hostname``; None for a bare workload IP or an unknown name."""
         if g.ip:
-            return self.workloads.by_ip(g.ip), (g.ip, g.port)
+            return self.services.by_vip(g.ip)
         _ns, _, host = g.hostname.partition("/")
-        svc = self.services.by_name.get(g.hostname) or self.services.by_hostname(host)
+        return self.services.by_name.get(g.hostname) or self.services.by_hostname(host)
+
+    def gateway_endpoints(self, g: GatewayAddress) -> list[tuple[Workload, tuple[str, int]]]:
+        """Every healthy replica of a waypoint with its HBONE address (``pod_ip:target``
+        of the gateway's port: the Service's port map when the workload or the Service
+        declares one, else the gateway port itself). A bare workload IP gives that
+        workload (or no workload, the address as is)."""
+        svc = self.gateway_service(g)
         if svc is None:
-            return None, None
-        eps = [w for w, _ in self.endpoints_any_port(svc) if w.healthy and w.addresses]
+            if not g.ip:
+                return []
+            w = self.workloads.by_ip(g.ip)
+            return [(w, (g.ip, g.port))] if w is not None else []
+        declared = svc.port(g.port)
+        out = []
+        for w in self.workloads:
+            ports = w.ports_for(svc.key)
+            if ports is None or not w.healthy or not w.addresses:
+                continue
+            target = _target(ports, g.port, declared) or g.port
+            out.append((w, (w.addresses[0], target)))
+        return out
+
+    def resolve_gateway(self, g: GatewayAddress, chooser: Chooser | None = None
+                        ) -> tuple[Workload | None, tuple[str, int] | None]:
+        """A waypoint replica for ONE connection: its workload (whose SPIFFE id the
+        HBONE peer must present) and HBONE address. A waypoint Service (by VIP or
+        hostname) resolves to one of its healthy replicas, chosen per call by
+        ``chooser`` (random by default), so new connections spread over the replicas
+        (the HBONE pool keys by peer address). ``(None, None)``: no healthy replica
+        (fail closed). A workload IP that is no Service VIP is used as is (its workload
+        when known)."""
+        if g.ip and self.services.by_vip(g.ip) is None:
+            return self.workloads.by_ip(g.ip), (g.ip, g.port)
+        eps = self.gateway_endpoints(g)
         if not eps:
             return None, None
-        w = eps[0]
-        return w, (w.addresses[0], g.port)
+        if len(eps) == 1:
+            return eps[0]
+        w = (chooser or random.choice)([w for w, _ in eps])
+        return next(e for e in eps if e[0] is w)
 
     def endpoints_any_port(self, service: Service) -> list[tuple[Workload, int]]:
         return [(w, 0) for w in self.workloads if w.ports_for(service.key) is not None]
@@ -249,7 +288,7 @@ class MeshState:
 
     def _via_waypoint(self, g: GatewayAddress, ip: str, port: int,
                       svc: Service | None) -> Upstream:
-        wp, addr = self.resolve_gateway(g)
+        wp, addr = self.resolve_gateway(g, self.gateway_chooser)
         if addr is None:
             # fail closed: no waypoint to enforce L7 policy; the caller refuses
             return Upstream((ip, port), HBONE, None, svc, waypoint=True, tunnel_to=None)
@@ -284,12 +323,13 @@ def _target(ports: tuple[Port, ...], service_port: int, declared: Port | None) -
 
 
 def _is_waypoint_source(source: Workload | None, g: GatewayAddress, st: MeshState) -> bool:
+    """``source`` is (one replica of) the waypoint ``g``: it never loops to itself."""
     if source is None:
         return False
-    if g.ip:
-        return g.ip in source.addresses
-    wp, _ = st.resolve_gateway(g)
-    return wp is source
+    svc = st.gateway_service(g)
+    if svc is not None:
+        return source.ports_for(svc.key) is not None
+    return bool(g.ip) and g.ip in source.addresses
 
 
 def apply_items(store: Any, updated: Iterable[tuple[str, Any]], removed: Iterable[str]) -> None:
