@@ -125,6 +125,12 @@ class FaultPolicy:
             kw["abort_percent"] = fractional(f.abort.percentage)
         return cls(**kw)
 
+    @property
+    def active(self) -> bool:
+        """False for an empty HTTPFault (Istio's default): nothing to draw randoms for."""
+        return not (self.delay_s is None and self.abort_status is None
+                    and self.abort_grpc_status is None)
+
     def evaluate(self, delay_random: int, abort_random: int) -> FaultDecision:
         """Which faults fire for this request (one random draw per fault, as Envoy)."""
         if self.delay_s is None and self.abort_status is None and self.abort_grpc_status is None:
