@@ -6,6 +6,10 @@ certificates for its node's workloads from the CA (impersonation, with its node-
 token), and serves 15001 (outbound), 15008 (HBONE), 15006 (plaintext inbound) and 15000
 (admin). With ``--handover-socket PATH`` a new ztunnel takes the listening sockets of the
 one running there, which then drains and exits (restart without dropping connections).
+In in-pod mode (``--pod-control``) that includes every pod's listeners and network
+namespace and the pod-control socket itself: start the new process beside the old one
+with the same paths; the runtime's ``sync`` keeps working on the same path (answered
+"handing over: retry" for the moment of the switch). Handed over any number of times.
 """
 
 from __future__ import annotations
@@ -63,7 +67,11 @@ def _node_addresses(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--pod-control", type=click.Path(path_type=Path),
               help="In-pod mode: unix socket on which the runtime adds/removes pods; the "
                    "ztunnel then listens inside each pod's network namespace (not on the node).")
-@click.option("--drain-timeout", default=30.0, show_default=True, help="Seconds.")
+@click.option("--drain-timeout", default=30.0, show_default=True,
+              help="Seconds open connections get to finish on SIGTERM / quitquitquit.")
+@click.option("--handover-drain-timeout", type=float, default=None,
+              help="Seconds they get after handing over to a new ztunnel (default: "
+                   "--drain-timeout); an upgrade can afford long-lived connections more.")
 @click.option("--access-log", default="-", show_default=True,
               help="Access log file ('-' stdout, '' off).")
 @click.option("--log-level", default="info",
@@ -74,7 +82,7 @@ def ztunnel(xds_address: str | None, node: str, node_ip: str, ca_address: str | 
             outbound_port: int, inbound_plain_port: int, original_dst: str,
             hbone_addressing: str, node_addresses: tuple[str, ...], preserve_source: str,
             handover_socket: Path | None, pod_control: Path | None, drain_timeout: float,
-            access_log: str, log_level: str) -> None:
+            handover_drain_timeout: float | None, access_log: str, log_level: str) -> None:
     """Run the ambient node proxy."""
     from isthmus.dataplane.ztunnel import Ztunnel, ZtunnelOptions
 
@@ -91,7 +99,8 @@ def ztunnel(xds_address: str | None, node: str, node_ip: str, ca_address: str | 
         inbound_plain_port=inbound_plain_port, original_dst=original_dst,
         hbone_addressing=hbone_addressing, node_addresses=_node_addresses(node_addresses),
         preserve_source=preserve_source, handover_socket=handover_socket,
-        drain_timeout=drain_timeout, access_log=access_log, pod_control=pod_control)
+        drain_timeout=drain_timeout, handover_drain_timeout=handover_drain_timeout,
+        access_log=access_log, pod_control=pod_control)
 
     async def main() -> None:
         z = Ztunnel(options)

@@ -26,7 +26,9 @@ Requests (one JSON object per line, one reply line each)::
   -> {"ok": true, "pods": [...]} | {"ok": false, "error": "..."}
 
 ``sync`` makes the set exactly the given one (idempotent), so the runtime re-sends it
-after either side restarts. Neighbours: ``proxy.Ztunnel`` (uses all of these),
+after either side restarts. While a new ztunnel takes over (``handover``) changes are
+refused (``{"ok": false, "error": "... handing over ... retry ..."}``); the listening
+socket itself moves to the new process (same path), which then answers. Neighbours: ``proxy.Ztunnel`` (uses all of these),
 ``capture.ambient`` (the rules), ``runtime.ambient`` (the client).
 
 Wanted upstream (``dataplane/hbone``): a ``socket_factory`` hook on ``HbonePool`` so

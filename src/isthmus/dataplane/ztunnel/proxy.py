@@ -29,8 +29,11 @@ from there, marked 0x539 (``inpod``). Original destinations are then always TPRO
 
 Certificates: ``CertificateManager`` (on demand, impersonated, rotated); identities of
 local workloads are prefetched whenever WDS changes. Telemetry: ``telemetry``.
-Restart without drops: ``handover`` (sockets passed to a successor; ``drain`` stops
-accepting, GOAWAYs HBONE peers and waits for open connections, bounded).
+Restart without drops: ``handover`` (sockets passed to a successor - node-level
+listeners, and in in-pod mode each pod's listeners, namespace and registry entry plus the
+pod-control socket; the successor adopts them (``_adopt``) and accepts once it has WDS;
+``drain`` stops accepting, GOAWAYs HBONE peers and waits for open connections, bounded;
+pod changes are refused while frozen for a successor).
 Neighbours: ``state``, ``hbone``, ``io.relay``, ``io.sockopts``, ``dataplane.xds``.
 """
 
@@ -105,6 +108,7 @@ class ZtunnelOptions:
     preserve_source: str = "auto"  # auto | transparent | off
     handover_socket: Path | None = None
     drain_timeout: float = 30.0
+    handover_drain_timeout: float | None = None  # after a handover (None: drain_timeout)
     connect_timeout: float = 5.0
     pool_idle_timeout: float = 60.0
     access_log: str = "-"  # "-" stdout, "" off, else a file path
@@ -456,7 +460,7 @@ class Ztunnel:
         self._frozen = True
         if self._podctl is not None:  # the path is the successor's socket now
             await self._podctl.stop(unlink=False)
-        await self.drain_and_stop()
+        await self.drain_and_stop(self.options.handover_drain_timeout)
 
     def port(self, name: str) -> int:
         return self.acceptors[name].port
