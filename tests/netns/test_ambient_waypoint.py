@@ -294,13 +294,6 @@ def test_plain_traffic_passes_the_waypoint_once(mesh: m.Mesh) -> None:
     assert labelled >= 20
 
 
-@pytest.mark.xfail(reason="the waypoint reports istio_requests_total as reporter=\"source\" "
-                          "with itself as the source (source_workload=waypoint, "
-                          "source_principal=.../sa/waypoint) and destination_principal="
-                          "unknown; Istio's waypoint reports reporter=\"waypoint\", the "
-                          "source from the HBONE peer (the client's identity) and the "
-                          "destination workload's principal (dataplane/waypoint telemetry)",
-                   strict=False)
 def test_waypoint_metrics_carry_istio_waypoint_labels(mesh: m.Mesh) -> None:
     assert all(c == 200 for c, _ in batch(mesh, 3))
     n = sum(waypoint_requests(mesh, reporter="waypoint",

@@ -10,6 +10,8 @@ engine, router, admin, telemetry) plus the waypoint's own parts:
   (``upstream.ClusterPatcher``) and, for loopback tests and hosts without network
   namespaces, can rebind the HBONE listener to ``hbone_address`` instead of the LDS
   address (``0.0.0.0``);
+* ``waypoint.telemetry.WaypointTelemetry`` (``install_waypoint`` only, not a
+  sidecar's HBONE): Istio's waypoint labels for the proxied requests;
 * one ``HbonePool`` for all outbound tunnels; client contexts come from the same SDS
   secrets the listener names (``default`` + ``ROOTCA``: ``--certs-dir`` or
   ``--sds-socket``), re-read when they rotate.
@@ -175,7 +177,22 @@ def install_hbone(core: ProxyCore, *, listener_name: str = LISTENER_NAME,
     return server
 
 
-install_waypoint = install_hbone
+def install_waypoint(core: ProxyCore, *, listener_name: str = LISTENER_NAME,
+                     hbone_address: tuple[str, int] | None = None, bind: bool = True,
+                     pool: HbonePool | None = None) -> WaypointServer:
+    """``install_hbone`` for a waypoint: its requests are also reported with Istio's
+    waypoint labels (``waypoint.telemetry``: reporter ``waypoint``, the source from the
+    HBONE peer, the destination from the chosen endpoint)."""
+    from isthmus.dataplane.waypoint.telemetry import WaypointTelemetry
+
+    old = core.telemetry
+    if not isinstance(old, WaypointTelemetry):
+        tel = WaypointTelemetry(listener_name=listener_name)
+        if old.access_log is not None:
+            tel.set_access_log(old.access_log)
+        core.telemetry = tel
+    return install_hbone(core, listener_name=listener_name, hbone_address=hbone_address,
+                         bind=bind, pool=pool)
 
 
 class WaypointProxy(Proxy):
