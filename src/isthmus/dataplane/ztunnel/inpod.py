@@ -47,6 +47,7 @@ import os
 import socket
 import ssl
 import stat
+import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -245,8 +246,10 @@ class PodControlServer:
                 raise
         sock.setblocking(False)
         self.lsock = sock
+        # 3.13+ would unlink the path on close: after a handover it is the successor's
+        kw: dict[str, Any] = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
         self._server = await asyncio.start_unix_server(self._serve, sock=sock,
-                                                       limit=MAX_REQUEST)
+                                                       limit=MAX_REQUEST, **kw)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
