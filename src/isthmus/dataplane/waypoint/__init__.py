@@ -9,6 +9,8 @@ proxy's L7 path, HBONE out - with no internal listener chain.
                 run the HTTP engine over the stream (``inner: http``) or relay (``tcp``)
 * ``upstream``  HTTP/1.1 connections inside HBONE tunnels as pooled upstream
                 connections of HBONE-marked clusters (``HbonePoolMap``)
+* ``telemetry`` ``WaypointTelemetry``: Istio's waypoint metric labels (reporter
+                ``waypoint``, source from the HBONE peer, destination from the endpoint)
 * ``proxy``     ``install_waypoint`` / ``WaypointProxy``: the composition on
                 ``ProxyCore``/``Proxy`` (``isthmus proxy waypoint``)
 
