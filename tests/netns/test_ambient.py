@@ -385,3 +385,114 @@ def test_restarted_ztunnel_gets_its_pods_back(mesh: m.Mesh) -> None:
 
     assert wait(back, 30), node(mesh, "node-2")
     assert wait(lambda: get(mesh, "amb/client", URL)[0] == "200", 10)
+
+
+# Inside a pod: an echo server on a port (prints "listening"); ends with its parent test.
+ECHO = r"""
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(16); print("listening", flush=True)
+def serve(c):
+    with c:
+        while data := c.recv(65536):
+            c.sendall(data)
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+
+# Inside a pod: ONE connection to HOST PORT; each stdin line is sent and its echo printed.
+LONG_CLIENT = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+print("connected", flush=True)
+for line in sys.stdin:
+    c.sendall(line.encode())
+    got = b""
+    while not got.endswith(b"\n"):
+        chunk = c.recv(65536)
+        if not chunk:
+            print("closed", flush=True); sys.exit(1)
+        got += chunk
+    print(got.decode().strip(), flush=True)
+c.close()
+"""
+
+
+def test_ztunnel_restart_keeping_a_long_lived_connection_alive(mesh: m.Mesh) -> None:
+    """``isthmus ztunnel-upgrade``: a new ztunnel takes over each node's sockets and pods;
+    a connection from node-1's client to node-2's server, established before, keeps
+    working through both switches; new ones work; the old processes drain and exit 0
+    without counting as container restarts."""
+    st = status(mesh)
+    server = next(p for p in st["pods"] if p["name"].startswith("server-"))
+    client_netns = pod_netns(mesh, "amb/client")
+    port = "9077"
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(netns: str, *argv: str) -> subprocess.Popen[str]:
+        p = subprocess.Popen(["ip", "netns", "exec", netns, PY, "-u", "-c", *argv],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        procs.append(p)
+        return p
+
+    def line(p: subprocess.Popen[str]) -> str:
+        assert p.stdout is not None
+        import select
+
+        r, _, _ = select.select([p.stdout], [], [], 10)
+        assert r, "no answer within 10s"
+        return p.stdout.readline().strip()
+
+    def roundtrip(p: subprocess.Popen[str], text: str) -> None:
+        assert p.stdin is not None
+        p.stdin.write(text + "\n")
+        p.stdin.flush()
+        assert line(p) == text
+
+    try:
+        echo = start(server["netns"], ECHO, port)
+        assert line(echo) == "listening"
+        long = start(client_netns, LONG_CLIENT, server["ip"], port)
+        assert line(long) == "connected", long.stderr.read() if long.stderr else ""
+        roundtrip(long, "before")
+        before = {n: node(mesh, n)["ztunnel"]["status"] for n in ("node-1", "node-2")}
+        old_pids = {}
+        for n in ("node-1", "node-2"):
+            out = mesh.cli("ztunnel-upgrade", n, timeout=90)
+            zt = node(mesh, n)["ztunnel"]["status"]
+            old_pids[n] = before[n]["pid"]
+            assert zt["pid"] != old_pids[n] and old_pids[n] in zt["retiring"], (out, zt)
+            assert zt["ready"] and zt["state"] == "Running", zt
+            assert f"pid {old_pids[n]} -> {zt['pid']}" in out, out
+            roundtrip(long, f"after-{n}")  # the established connection, both ways
+            assert wait(lambda: get(mesh, "amb/client", URL)[0] == "200", 10)  # new ones
+        # the new ztunnels serve new connections (and have the pods, handed over)
+        n1 = len(ztunnel_log(mesh, "node-1"))
+        assert get(mesh, "amb/client", URL)[0] == "200"
+        assert new_lines(mesh, "node-1", n1, "direction=outbound")
+        dump = json.loads(ztunnel_admin(mesh, "node-2", "/config_dump"))
+        assert [p["ip"] for p in dump["pods"]] == [server["ip"]]
+        assert node(mesh, "node-1")["ztunnel"]["sync"] == ""
+        assert wait(lambda: node(mesh, "node-2")["ztunnel"]["sync"] == "", 5)
+        roundtrip(long, "still")
+        # the long-lived connection ends: the old ztunnels have nothing left, exit 0
+        assert long.stdin is not None
+        long.stdin.close()
+        assert long.wait(10) == 0
+
+        def retired() -> bool:
+            return all({"pid": old_pids[n], "exit_code": 0}
+                       in node(mesh, n)["ztunnel"]["status"]["retired"] for n in old_pids)
+
+        assert wait(retired, 40), {n: node(mesh, n)["ztunnel"]["status"] for n in old_pids}
+        for n in old_pids:
+            zt = node(mesh, n)["ztunnel"]["status"]
+            assert zt["retiring"] == [] and zt["restarts"] == before[n]["restarts"], zt
+            assert zt["state"] == "Running" and zt["ready"], zt
+        assert wait(lambda: get(mesh, "amb/client", URL)[0] == "200", 10)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(10)

@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "agent": "isthmus.cli.agent:agent",
     "ztunnel": "isthmus.cli.ztunnel:ztunnel",
     "ztunnel-config": "isthmus.cli.ztunnel_config:ztunnel_config",
+    "ztunnel-upgrade": "isthmus.cli.runtime:ztunnel_upgrade",
     "waypoint": "isthmus.cli.waypoint:waypoint",
 }
 

@@ -6,6 +6,9 @@ running). ``down`` stops it and removes everything (idempotent; also cleans a cr
 run's leftovers). ``status`` prints pods, IPs, readiness, restarts and sidecar sync state;
 ``exec [NS/]NAME -- CMD`` runs CMD in a pod's network namespace (NAME: a pod, or a
 Deployment meaning its first ready pod); ``logs [NS/]NAME`` prints a container's log.
+``ztunnel-upgrade [NODE...]`` replaces a node's ztunnel (ambient mode) by a new process
+that takes over its sockets and pods, without dropping established connections (asks
+the daemon over ``<state>/control.sock``).
 
 Every command takes ``--name`` (env ``ISTHMUS_CLUSTER``, default ``isthmus``) to pick a
 cluster; state lives in ``$ISTHMUS_RUN_DIR/<name>`` (default ``/run/isthmus``).
@@ -415,3 +418,68 @@ def logs(pod: str, container: str, previous: bool, follow: bool, tail: int, clus
                 sys.stdout.flush()
             else:
                 time.sleep(0.2)
+
+
+# ---------------------------------------------------------------- ztunnel-upgrade
+
+
+def control_request(state: StateDir, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One request to the daemon's control socket; its JSON reply."""
+    import socket
+
+    from isthmus.runtime.daemon import CONTROL_SOCKET
+
+    path = state.path / CONTROL_SOCKET
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise click.ClickException(f"cannot reach the runtime at {path} ({why}); was the "
+                                       "cluster started by an older isthmus?") from None
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        try:
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except TimeoutError:
+            raise click.ClickException(f"no answer from the runtime within {timeout:.0f}s"
+                                       ) from None
+    try:
+        reply = json.loads(buf)
+    except ValueError:
+        raise click.ClickException(f"bad answer from the runtime: {buf[:200]!r}") from None
+    return reply if isinstance(reply, dict) else {"ok": False, "error": repr(reply)}
+
+
+@click.command("ztunnel-upgrade")
+@click.argument("node", nargs=-1)
+@click.option("--timeout", type=float, default=0.0,
+              help="Seconds to wait (default: 60 per node).")
+@name_option
+def ztunnel_upgrade(node: tuple[str, ...], timeout: float, cluster: str) -> None:
+    """Restart (upgrade) the ztunnel of NODE (default: every node) without dropping its
+    pods' connections: a new process takes over; the old one drains and exits."""
+    _check_privileges()
+    st = _load(cluster)
+    known = [n["name"] for n in (st.get("ambient") or {}).get("nodes", [])]
+    if not known:
+        raise click.ClickException(f"local cluster {cluster!r} runs no ztunnels (no pod or "
+                                   "namespace uses ambient mode)")
+    unknown = [n for n in node if n not in known]
+    if unknown:
+        raise click.ClickException(f"no node {', '.join(unknown)} (nodes: {', '.join(known)})")
+    from isthmus.runtime.ambient import UPGRADE_TIMEOUT
+
+    wait = timeout or UPGRADE_TIMEOUT * (len(node) or len(known)) + 10
+    reply = control_request(StateDir.for_cluster(cluster),
+                            {"op": "ztunnel-upgrade", "nodes": list(node)}, wait)
+    for u in reply.get("upgraded") or []:
+        click.echo(f"ztunnel on {u['node']}: pid {u['oldPid']} -> {u['newPid']} (ready; pid "
+                   f"{u['oldPid']} drains its connections and exits)")
+    if not reply.get("ok"):
+        raise click.ClickException(f"ztunnel-upgrade: {reply.get('error')}")

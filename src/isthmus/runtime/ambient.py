@@ -26,6 +26,13 @@ What istio-cni's node agent and the ztunnel DaemonSet do on Kubernetes:
   "serviceAccount": "ztunnel", "node": NODE}`` in the CA's tokens file): the CA signs
   only for identities the model places on that node. Admin on ``<node netns>:15000``;
   access log and ``istio_tcp_*`` there too.
+* **Upgrades.** Each ztunnel also serves ``--handover-socket <dir>/handover.sock``:
+  ``AmbientManager.upgrade`` (``isthmus ztunnel-upgrade NODE``, through the daemon's
+  control socket) starts a new process beside it (``ContainerRunner.replace``), which
+  takes every listening socket, pod and control socket; the old one drains its
+  established connections (``--handover-drain-timeout 300``) and exits 0, recorded in
+  the container's ``retired`` status, not as a restart. A ``sync`` refused meanwhile
+  ("handing over") is retried on the next tick.
 
 Neighbours: ``plan`` (``PodPlan.node``, per-node IPs via ``NodeIpAllocator``),
 ``network`` (calls ``node_net``/``install_initial_rules``/``setup_extra_nodes``),
@@ -62,6 +69,9 @@ LINK_NET = ipaddress.ip_network("192.168.255.0/24")  # node-1 <-> node-k transit
 NETNS_RUN = Path("/var/run/netns")
 RECONCILE_PERIOD = 1.0
 START_SYNC_TIMEOUT = 30.0
+HANDOVER_DRAIN_TIMEOUT = 300  # s an upgraded ztunnel keeps its connections (then closes)
+UPGRADE_TIMEOUT = 60.0
+HANDED_OVER = "asked the previous ztunnel to drain"  # the new ztunnel's log line
 
 
 # ---------------------------------------------------------------- nodes (pure)
@@ -261,6 +271,10 @@ class ZtunnelFiles:
     def control_socket(self) -> Path:
         return self.directory / "control.sock"
 
+    @property
+    def handover_socket(self) -> Path:
+        return self.directory / "handover.sock"
+
 
 def ztunnel_files(state: Path, node: str) -> ZtunnelFiles:
     return ZtunnelFiles(node, state / "ztunnel" / node)
@@ -309,6 +323,8 @@ def ztunnel_container(plan: ClusterPlan, node: NodeNet, files: ZtunnelFiles, roo
             "--token-file", str(files.token_file),
             "--original-dst", "tproxy", "--hbone-addressing", "pod",
             "--pod-control", str(files.control_socket),
+            "--handover-socket", str(files.handover_socket),
+            "--handover-drain-timeout", str(HANDOVER_DRAIN_TIMEOUT),
             "--admin-port", str(ZTUNNEL_ADMIN_PORT), "--drain-timeout", "2")
     return ContainerPlan(f"ztunnel-{node.name}", "isthmus/ztunnel", argv,
                          readiness=ReadinessCheck("http", port=ZTUNNEL_ADMIN_PORT, path="/ready",
@@ -430,12 +446,49 @@ class AmbientManager:
                      "netns": str(NETNS_RUN / st.pod.netns), "ip": st.pod.ip}
                     for st in self.pods.values() if st.node == node and st.enrolled]
             err = await asyncio.to_thread(_sync, ztunnel_files(self.state_dir, node), pods)
+            if "handing over" in err:  # a ztunnel upgrade in progress: retry next tick
+                ok = False
+                continue
             if err != self.synced.get(node):
                 self.on_change()
             self.synced[node] = err
             ok = ok and not err
         if ok and modes is not None:
             self._first_sync.set()
+
+    async def upgrade(self, node: str, timeout: float = UPGRADE_TIMEOUT) -> dict[str, Any]:
+        """Replace ``node``'s ztunnel by a new process that takes over its sockets, pods
+        and control channels (``--handover-socket``); the old one drains its established
+        connections (up to ``HANDOVER_DRAIN_TIMEOUT``) and exits 0. Returns once the new
+        one has taken over and its admin ``/ready`` answers. Raises ``RuntimeError``."""
+        r = self.runners.get(node)
+        if r is None:
+            raise RuntimeError(f"no ztunnel on node {node!r} (nodes: "
+                               f"{', '.join(self.runners) or 'none'})")
+        if not r.status.ready:
+            raise RuntimeError(f"the ztunnel on {node} is not ready "
+                               f"({r.status.reason or r.status.state}); try again")
+        offset = r.log_path.stat().st_size if r.log_path.exists() else 0
+        old_pid = r.status.pid
+        new = await r.replace()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if new.returncode is not None or r.status.pid != new.pid:
+                raise RuntimeError(f"the new ztunnel on {node} (pid {new.pid}) exited with "
+                                   f"{new.returncode}; see {r.log_path}")
+            took_over: bool = r.status.ready and await asyncio.to_thread(
+                _logged_since, r.log_path, offset, HANDED_OVER)
+            if took_over:
+                break
+            if loop.time() > deadline:
+                raise RuntimeError(f"the new ztunnel on {node} (pid {new.pid}) did not take "
+                                   f"over within {timeout:.0f}s; see {r.log_path}")
+            await asyncio.sleep(0.1)
+        log.info("ztunnel on %s upgraded: pid %s -> %d", node, old_pid, new.pid)
+        self.on_change()
+        return {"node": node, "oldPid": old_pid, "newPid": new.pid,
+                "retiring": list(r.status.retiring)}
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -449,6 +502,15 @@ class AmbientManager:
             "pods": {k: {"node": st.node, "enrolled": st.enrolled, "error": st.error}
                      for k, st in self.pods.items()},
         }
+
+
+def _logged_since(path: Path, offset: int, needle: str) -> bool:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return needle.encode() in f.read()
+    except OSError:
+        return False
 
 
 def _sync(files: ZtunnelFiles, pods: Sequence[Mapping[str, str]]) -> str:

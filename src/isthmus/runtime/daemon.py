@@ -23,6 +23,11 @@
 
 Progress lines on the pipe are JSON: ``{"event": "progress"|"diagnostic"|"ready"|
 "failed", ...}``.
+
+Control channel: ``<state>/control.sock`` (unix, root only), one JSON request line, one
+JSON reply line (``{"ok": bool, "error"?, ...}``); ops: ``ztunnel-upgrade`` ``{"nodes":
+[...]}`` (empty: every node) replaces each node's ztunnel in turn by a new process that
+takes over its sockets (``ambient.AmbientManager.upgrade``; ``isthmus ztunnel-upgrade``).
 """
 
 from __future__ import annotations
@@ -74,6 +79,8 @@ CP_HTTP_PORT = 15014
 ANNOTATION_READY = "isthmus.io/ready"
 CONVERGE_TIMEOUT = 15.0  # seconds `up` waits for proxies to learn the ready endpoints
 SETTLED_RESTARTS = 3  # a pod crashing this often counts as settled (failed) for `up`
+CONTROL_SOCKET = "control.sock"  # in the state dir: requests from the CLI
+CONTROL_READ_TIMEOUT = 10.0
 
 
 @dataclass
@@ -123,6 +130,8 @@ class Daemon:
         self.net: network.NetworkManager | None = None
         self._env: dict[str, str] = {}
         self._cwd = ""
+        self._control: asyncio.AbstractServer | None = None
+        self._control_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ reporting
 
@@ -160,6 +169,7 @@ class Daemon:
                 self.report("progress", message=f"cleaned leftovers of a crashed run: "
                                                 f"{', '.join(removed)}")
             await self._start()
+            await self._start_control()  # control hook: `isthmus ztunnel-upgrade`
             writer = loop.create_task(self._state_writer())
             await self._wait_settled()
             await self.stop_event.wait()
@@ -387,6 +397,60 @@ class Daemon:
             if not self.stop_event.is_set():
                 r.start()
 
+    # ------------------------------------------------------------------ control
+
+    async def _start_control(self) -> None:
+        path = self.state.path / CONTROL_SOCKET
+        path.unlink(missing_ok=True)
+        old = os.umask(0o077)
+        try:
+            self._control = await asyncio.start_unix_server(self._control_conn, path=str(path))
+        finally:
+            os.umask(old)
+
+    async def _control_conn(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), CONTROL_READ_TIMEOUT)
+            try:
+                req = json.loads(line)
+            except ValueError as exc:
+                req = f"bad request: {exc}"
+            if not isinstance(req, dict):
+                reply: dict[str, Any] = {"ok": False, "error": str(req)}
+            else:
+                async with self._control_lock:  # one operation at a time
+                    reply = await self.control(req)
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    async def control(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One control request (see the module doc); never raises."""
+        op = req.get("op")
+        if op == "ztunnel-upgrade":
+            if self.ambient is None:
+                return {"ok": False, "error": "no ztunnels: this cluster does not use "
+                                              "ambient mode"}
+            nodes = [str(n) for n in req.get("nodes") or []] or list(self.ambient.runners)
+            unknown = [n for n in nodes if n not in self.ambient.runners]
+            if unknown:
+                return {"ok": False, "error": f"no ztunnel on {', '.join(unknown)} (nodes: "
+                                              f"{', '.join(self.ambient.runners)})"}
+            done = []
+            for n in nodes:
+                try:
+                    done.append(await self.ambient.upgrade(n))
+                except Exception as exc:  # noqa: BLE001 - reported to the CLI
+                    log.warning("ztunnel upgrade on %s failed: %s", n, exc)
+                    return {"ok": False, "error": str(exc) or type(exc).__name__,
+                            "upgraded": done}
+            return {"ok": True, "upgraded": done}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
     # ------------------------------------------------------------------ waiting
 
     async def _wait_ztunnels_see_waypoints(self, timeout: float) -> bool:
@@ -611,6 +675,8 @@ class Daemon:
     # ------------------------------------------------------------------ stopping
 
     async def _shutdown(self) -> None:
+        if self._control is not None:  # control hook
+            self._control.close()
         for t in self._tasks:
             t.cancel()
         for fwd in self.forwarders:

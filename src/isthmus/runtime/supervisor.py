@@ -9,7 +9,10 @@ log is kept as ``.previous.log`` (``isthmus logs --previous``).
 Restarts follow ``restartPolicy`` (Always / OnFailure / Never) with exponential backoff
 (``Backoff``: 0.5 s doubling to 30 s by default, reset after 10 s of good running; a
 real kubelet uses 10 s to 5 min), and the waiting state reads ``CrashLoopBackOff`` like
-kubectl's. Readiness comes from the readinessProbe, executed inside the pod's network
+kubectl's. ``replace()`` starts a new process beside the running one (a planned
+handover, e.g. a ztunnel upgrade: the new one takes the old one's sockets); the old one
+is *retiring*: its exit (0 once drained) is not a container exit, restart or
+CrashLoopBackOff (``status.retired`` records it). Readiness comes from the readinessProbe, executed inside the pod's network
 namespace (``netnsutil.socket_in_netns``): httpGet / tcpSocket to 127.0.0.1 (the probe
 sits in the pod, like Istio's rewritten probes, so capture leaves it alone) unless the
 probe names a host, exec via ``ip netns exec``; a runtime-made "file" check (the
@@ -68,9 +71,17 @@ class ContainerStatus:
     started_at: float | None = None
     sidecar: bool = False
     log: str = ""
+    replacements: int = 0  # planned handovers (``ContainerRunner.replace``)
+    retiring: list[int] = field(default_factory=list)  # pids of replaced, still running
+    retired: list[dict[str, int]] = field(default_factory=list)  # [{pid, exit_code}] (last)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["retiring"], out["retired"] = list(self.retiring), [dict(r) for r in self.retired]
+        return out
+
+
+RETIRED_KEPT = 5
 
 
 def exec_prefix(netns: str, user: int | None, group: int | None,
@@ -115,6 +126,10 @@ class ContainerRunner:
     _stopping: bool = field(default=False, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _swapped: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _probe: asyncio.Task[None] | None = field(default=None, init=False)
+    _retiring: dict[int, tuple[asyncio.subprocess.Process, asyncio.Task[None]]] = field(
+        default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.status = ContainerStatus(self.container.name, sidecar=self.container.sidecar,
@@ -163,30 +178,120 @@ class ContainerRunner:
             if not self._stopping:
                 self.status.restarts += 1
 
+    async def _spawn(self, argv_tail: tuple[str, ...]) -> asyncio.subprocess.Process:
+        """A process of this container (its netns, user, env, cwd; output appended to
+        its log) in a new session."""
+        c = self.container
+        argv = exec_prefix(self.netns, c.run_as_user, c.run_as_group, c.capabilities) + list(
+            argv_tail)
+        env = dict(self.env)
+        env.update(c.env)
+        cwd = c.working_dir if c.working_dir and os.path.isdir(c.working_dir) else self.cwd
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
+            return await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, cwd=cwd,
+                env=env, start_new_session=True)
+
+    def _start_probe(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+        self._probe = asyncio.get_running_loop().create_task(
+            self._probe_loop(self.container.readiness), name=f"probe {self.pod_key}")
+
+    async def _stop_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
+
     async def _run_once(self) -> int:
         c = self.container
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         if self.log_path.exists() and self.log_path.stat().st_size:
             self.log_path.replace(self.log_path.with_suffix(".previous.log"))
-        argv = exec_prefix(self.netns, c.run_as_user, c.run_as_group, c.capabilities) + list(c.argv)
-        env = dict(self.env)
-        env.update(c.env)
-        cwd = c.working_dir if c.working_dir and os.path.isdir(c.working_dir) else self.cwd
-        with self.log_path.open("ab") as out:
-            self._proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, cwd=cwd,
-                env=env, start_new_session=True)
+        self._proc = await self._spawn(c.argv)
         self._set(state="Running", reason="", message="", pid=self._proc.pid,
                   started_at=time.time(), ready=False)
-        probe = asyncio.get_running_loop().create_task(self._probe_loop(c.readiness))
+        self._start_probe()
         try:
-            code = await self._proc.wait()
+            while True:
+                proc = self._proc
+                assert proc is not None
+                self._swapped.clear()
+                exited = asyncio.ensure_future(proc.wait())
+                swapped = asyncio.ensure_future(self._swapped.wait())
+                try:
+                    await asyncio.wait({exited, swapped}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    swapped.cancel()
+                    if not exited.done():
+                        exited.cancel()
+                if self._proc is not proc and self._proc is not None:
+                    continue  # replaced: the old one is retiring; wait on the new one
+                code = exited.result() if exited.done() and not exited.cancelled() \
+                    else await proc.wait()
+                break
         finally:
-            probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probe
+            await self._stop_probe()
         self._proc = None
         return code
+
+    # ------------------------------------------------------------------ replacing
+
+    async def replace(self, argv: tuple[str, ...] | list[str] | None = None
+                      ) -> asyncio.subprocess.Process:
+        """Start a new process of this container (same exec prefix, netns, env, log; the
+        container's argv, or ``argv`` from now on) while the current one runs, and make
+        it the container's process. The old one is *retiring*: its exit is recorded in
+        ``status.retired`` and is no container exit. Readiness starts over (the probe
+        runs again). Raises ``RuntimeError`` when no process is running."""
+        old = self._proc
+        if self._stopping or old is None or old.returncode is not None:
+            raise RuntimeError(f"{self.pod_key}/{self.container.name}: no running process "
+                               f"to replace ({self.status.reason or self.status.state})")
+        if argv is not None:
+            from dataclasses import replace as dc_replace
+
+            self.container = dc_replace(self.container, argv=tuple(argv))
+        new = await self._spawn(self.container.argv)
+        if self._proc is not old or self._stopping:  # raced with an exit or a stop
+            await _terminate_group(new, self.grace)
+            raise RuntimeError(f"{self.pod_key}/{self.container.name}: the process exited "
+                               "while being replaced")
+        self._proc = new
+        task = asyncio.get_running_loop().create_task(self._retire(old),
+                                                      name=f"retiring {self.pod_key}")
+        self._retiring[old.pid] = (old, task)
+        self.status.retiring.append(old.pid)
+        self.status.replacements += 1
+        self._set(state="Running", reason="", message="", pid=new.pid, started_at=time.time(),
+                  ready=False)
+        self._swapped.set()
+        self._start_probe()
+        log.info("%s/%s: replaced pid %d by pid %d", self.pod_key, self.container.name,
+                 old.pid, new.pid)
+        return new
+
+    async def _retire(self, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        self._retiring.pop(proc.pid, None)
+        with contextlib.suppress(ValueError):
+            self.status.retiring.remove(proc.pid)
+        self.status.retired = [*self.status.retired, {"pid": proc.pid, "exit_code": code}][
+            -RETIRED_KEPT:]
+        log.info("%s/%s: retired pid %d exited with %d", self.pod_key, self.container.name,
+                 proc.pid, code)
+        self.on_change()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Until the container is ready (or ``timeout``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.status.ready and loop.time() < deadline and not self._stopping:
+            await asyncio.sleep(0.05)
+        return self.status.ready
 
     # ------------------------------------------------------------------ readiness
 
@@ -234,20 +339,31 @@ class ContainerRunner:
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), self.grace)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
+        procs = [p for p in (self._proc, *(p for p, _ in self._retiring.values()))
+                 if p is not None]
+        await asyncio.gather(*(_terminate_group(p, self.grace) for p in procs),
+                             return_exceptions=True)
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(self._task, 2.0)
+        for _, task in list(self._retiring.values()):
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(task, 2.0)
         self.status.state, self.status.reason, self.status.ready = "Terminated", "Stopped", False
+
+
+async def _terminate_group(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """SIGTERM ``proc``'s process group, SIGKILL after ``grace`` seconds."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
 
 
 def _file_ready(path: str) -> bool:
