@@ -750,7 +750,8 @@ QUIET_PCT = 30.0  # other processes' CPU (% of a core) above which a run is repe
 ATTEMPTS = [3]  # runs at most per measurement (run_all --quick sets 1)
 
 
-def measure(proc: Proc, fn: Any, stack: Stack | None = None, attempts: int | None = None) -> Measured:
+def measure(proc: Proc | Sequence[Proc], fn: Any, stack: Stack | None = None,
+            attempts: int | None = None) -> Measured:
     """``_measure_once``, repeated (up to ``ATTEMPTS``) while other processes on the shared
     machine used more than ``QUIET_PCT`` % of a core meanwhile; the quietest run is kept."""
     best: Measured | None = None
@@ -766,11 +767,12 @@ def measure(proc: Proc, fn: Any, stack: Stack | None = None, attempts: int | Non
     return best
 
 
-def _measure_once(proc: Proc, fn: Any, stack: Stack | None = None) -> Measured:
-    """Run the load ``fn()`` and account ``proc``'s CPU (whole process tree) over it, and
-    the CPU other processes on the machine used meanwhile (``stack``: the bench's own)."""
+def _measure_once(proc: Proc | Sequence[Proc], fn: Any, stack: Stack | None = None) -> Measured:
+    """Run the load ``fn()`` and account ``proc``'s CPU (whole process tree; a sequence of
+    processes: their sum) over it, and the CPU other processes on the machine used
+    meanwhile (``stack``: the bench's own)."""
     stack = stack or (_CURRENT[-1] if _CURRENT else None)
-    pids = proc.pids()
+    pids = [q for p in ([proc] if isinstance(proc, Proc) else proc) for q in p.pids()]
     c0, u0, b0, o0, t0 = cpu_seconds(pids), core_busy(), _bench_cpu(stack), _busy_s(), time.monotonic()
     load = fn()
     c1, u1, b1, o1, t1 = cpu_seconds(pids), core_busy(), _bench_cpu(stack), _busy_s(), time.monotonic()

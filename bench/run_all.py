@@ -6,9 +6,11 @@ peer under the same load and printing a table with ratios and the verdict per ta
 ``proxy_l4`` (vs haproxy mode tcp: CPU per request, single-stream bulk),
 ``proxy_scale`` (--concurrency 2 vs 1, nginx 1 vs 2 workers as the control),
 ``proxy_memory`` (idle RSS, RSS per idle connection, 10,000 connections).
+Issue "Identity, mTLS and authorization", acceptance 8: ``mtls`` (two sidecars with mTLS vs
+plaintext at 1,000 rps, new mTLS connections per second; a haproxy pair as the peer).
 ``--with-controlplane`` adds ``xds_push`` (500 ADS clients; slow).
 
-    python -m bench.run_all [--quick] [--only l7,l4,scale,memory] [--markdown FILE]
+    python -m bench.run_all [--quick] [--only l7,l4,scale,memory,mtls] [--markdown FILE]
 
 Needs nginx, haproxy, wrk, h2load (nghttp2-client) and iperf3 on PATH; a bench whose tools
 are missing is skipped with a note. Uses cores 0 and 1 (taskset) and loopback only.
@@ -33,6 +35,7 @@ BENCHES = {
     "l4": ("bench.proxy_l4", ("haproxy", "wrk")),
     "scale": ("bench.proxy_scale", ("nginx", "wrk")),
     "memory": ("bench.proxy_memory", ("nginx", "wrk")),
+    "mtls": ("bench.mtls", ("nginx", "haproxy", "wrk")),
 }
 
 
