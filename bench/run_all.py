@@ -36,6 +36,7 @@ BENCHES = {
     "scale": ("bench.proxy_scale", ("nginx", "wrk")),
     "memory": ("bench.proxy_memory", ("nginx", "wrk")),
     "mtls": ("bench.mtls", ("nginx", "haproxy", "wrk")),
+    "ambient": ("bench.ambient", ("nginx", "haproxy", "wrk", "iperf3")),
 }
 
 
