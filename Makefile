@@ -2,6 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 APT_PACKAGES := iproute2 iptables procps
+BENCH_APT_PACKAGES := nginx haproxy wrk iperf3 nghttp2-client
 
 .PHONY: setup system-deps test test-fast demo bench
 
@@ -24,4 +25,8 @@ demo: setup
 	$(PYTHON) -m isthmus demo
 
 bench: setup
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  missing=""; for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi; \
+	fi
 	$(PYTHON) -m bench.run_all
