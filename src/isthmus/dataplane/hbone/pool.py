@@ -136,18 +136,27 @@ class HbonePool:
             if session.usable:
                 return session
 
+    async def _new_socket(self, family: int) -> socket.socket:
+        """The unconnected TCP socket for one HBONE connection. Subclasses open it elsewhere
+        (the ztunnel's in-pod pool: inside the pod's netns, with its mark)."""
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        if self.source_address:
+            try:
+                sock.bind((self.source_address, 0))
+            except OSError:
+                sock.close()
+                raise
+        return sock
+
     async def _connect(self, key: PoolKey) -> ClientSession:
         ctx = await self.contexts(key.src_identity)
         host, port = key.address
         loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = await self._new_socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         address = f"{host}:{port}"
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.source_address:
-                sock.bind((self.source_address, 0))
             async with asyncio.timeout(self.connect_timeout):
                 await loop.sock_connect(sock, (host, port))
         except TimeoutError:

@@ -45,7 +45,6 @@ import json
 import logging
 import os
 import socket
-import ssl
 import stat
 import sys
 from collections.abc import Awaitable, Callable
@@ -54,9 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from isthmus.dataplane.hbone import HbonePool, HboneServer, PoolKey
-from isthmus.dataplane.hbone.session import ClientSession
-from isthmus.dataplane.hbone.tls import HboneTlsError, check_peer, sni_for
+from isthmus.dataplane.hbone import HbonePool, HboneServer
 from isthmus.dataplane.io import sockopts
 
 log = logging.getLogger(__name__)
@@ -139,51 +136,14 @@ class PodHbonePool(HbonePool):
         super().__init__(contexts, **kw)
         self.worker = worker
 
-    async def _connect(self, key: PoolKey) -> ClientSession:  # mirrors HbonePool._connect
-        ctx: ssl.SSLContext = await self.contexts(key.src_identity)
-        host, port = key.address
-        loop = asyncio.get_running_loop()
-        address = f"{host}:{port}"
-        sock = await self.worker.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    async def _new_socket(self, family: int) -> socket.socket:
+        sock = await self.worker.socket(family)
         try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sockopts.set_mark(sock, ZTUNNEL_MARK)
-            async with asyncio.timeout(self.connect_timeout):
-                await loop.sock_connect(sock, (host, port))
-        except TimeoutError:
+        except OSError:
             sock.close()
-            self.stats.connections_failed += 1
-            raise OSError(f"HBONE connect to {address} timed out: is the destination ztunnel "
-                          "running (and the destination pod enrolled)?") from None
-        except OSError as exc:
-            sock.close()
-            self.stats.connections_failed += 1
-            raise OSError(exc.errno, f"HBONE connect to {address} failed: "
-                          f"{exc.strerror or exc}: is the destination ztunnel running?") from None
-        session = ClientSession()
-        session.peer_address = address
-        session.local_identity = key.src_identity
-        try:
-            transport, _ = await loop.create_connection(
-                lambda: session, sock=sock, ssl=ctx,
-                server_hostname=sni_for(key.dst_identity) if key.dst_identity else None,
-                ssl_handshake_timeout=self.connect_timeout)
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            sock.close()
-            self.stats.connections_failed += 1
-            raise HboneTlsError(f"HBONE TLS handshake with {address} failed: {exc}") from None
-        try:
-            session.peer_identity = check_peer(transport.get_extra_info("ssl_object"),
-                                               key.dst_identity, address)
-        except HboneTlsError:
-            transport.abort()
-            self.stats.connections_failed += 1
             raise
-        self.stats.connections_opened += 1
-        session.on_idle = self._on_idle
-        session.closed.add_done_callback(lambda _f: self._forget(key, session))
-        return session
+        return sock
 
 
 @dataclass(eq=False)
