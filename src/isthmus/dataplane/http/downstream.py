@@ -179,6 +179,9 @@ class Http1Downstream(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._read_paused = False
         self._idle_handle: asyncio.TimerHandle | None = None
+        # idle_timeout: one timer armed once, re-armed for the remainder when it fires
+        # early; a request only clears the time the connection went idle (None: busy)
+        self._idle_since: float | None = None
         self._loop = asyncio.get_event_loop()
         # stream_idle_timeout / request_headers_timeout: one timer per connection that
         # checks the time of the last byte either way (no per-byte timer work)
@@ -343,9 +346,7 @@ class Http1Downstream(asyncio.Protocol):
             self._pause()
 
     def _new_stream(self, head: RequestHeaders) -> None:
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
+        self._idle_since = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -453,11 +454,20 @@ class Http1Downstream(asyncio.Protocol):
     def _arm_idle(self) -> None:
         t = self.ctx.hcm.idle_timeout_s
         if t and not self.closed:
-            if self._idle_handle is not None:
-                self._idle_handle.cancel()
-            self._idle_handle = self._loop.call_later(t, self._idle_expired)
+            self._idle_since = self._loop.time()
+            if self._idle_handle is None:
+                self._idle_handle = self._loop.call_later(t, self._idle_expired)
 
     def _idle_expired(self) -> None:
+        self._idle_handle = None
+        since = self._idle_since
+        if since is None:
+            return  # busy since it was armed: the end of that request arms it again
+        left = since + (self.ctx.hcm.idle_timeout_s or 0.0) - self._loop.time()
+        if left > 0.001:  # busy and idle again meanwhile: the rest of the new idle period
+            # (a timer may fire up to a clock tick early: that is not a remainder)
+            self._idle_handle = self._loop.call_later(left, self._idle_expired)
+            return
         if not self.streams and self.codec.idle and self.transport is not None:
             self._http_stats.inc("downstream_cx_idle_timeout")
             self.transport.close()
@@ -513,9 +523,7 @@ class Http1Downstream(asyncio.Protocol):
     def _head_started(self) -> None:
         """Bytes of a request head arrived (slowloris guards): ``request_headers_timeout``
         runs from here to the end of the head; ``stream_idle_timeout`` covers silence."""
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
+        self._idle_since = None
         t = self.ctx.hcm.request_headers_timeout_s
         if t and self._head_timer is None:
             self._head_timer = self._loop.call_later(t, self._headers_timeout)
