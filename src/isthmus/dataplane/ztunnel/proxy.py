@@ -154,6 +154,7 @@ class _Acceptor:
                     continue
                 raise
             self.accepted += 1
+            _nodelay(conn)
             task = loop.create_task(self._run(conn, peer[:2]))
             self.active.add(task)
             task.add_done_callback(self.active.discard)
@@ -180,6 +181,13 @@ class _Acceptor:
     @property
     def port(self) -> int:
         return int(self.sock.getsockname()[1])
+
+
+def _nodelay(sock: socket.socket) -> None:
+    """Relay small writes at once: a response split in two writes (head, body) must not
+    wait 40 ms for the peer's delayed ACK (Nagle)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _bind(host: str, port: int, transparent: bool = False) -> socket.socket:
@@ -623,6 +631,7 @@ class Ztunnel:
             s = await pod.worker.socket(family)
             sockopts.set_mark(s, ZTUNNEL_MARK)
         s.setblocking(False)
+        _nodelay(s)
         return s
 
     async def _connect(self, address: tuple[str, int], bind_ip: str | None,
