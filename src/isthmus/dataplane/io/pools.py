@@ -78,13 +78,13 @@ class Http1Pool:
         self.retired = False
         self._waiters: deque[asyncio.Future[Http1Upstream | None]] = deque()
         self._slots = cluster_slots(cluster)
+        # idle_timeout: one lazy timer per pool (not one per release), armed while
+        # connections are idle, for the coldest's ``last_used`` + idle_timeout
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def _take_idle(self) -> Http1Upstream | None:
         while self.idle:
             conn = self.idle.pop()
-            if conn.idle_handle is not None:
-                conn.idle_handle.cancel()
-                conn.idle_handle = None
             if conn.ready and not conn.expired:
                 self.busy += 1
                 return conn
@@ -214,17 +214,27 @@ class Http1Pool:
             self.busy += 1
             return
         conn.last_used = time.monotonic()
-        if self.idle_timeout:
-            conn.idle_handle = asyncio.get_running_loop().call_later(
-                self.idle_timeout, self._expire, conn)
-        self.idle.append(conn)
+        self.idle.append(conn)  # ``idle`` stays ordered by last_used, coldest first
+        if self.idle_timeout and self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                self.idle_timeout, self._expire_idle)
 
-    def _expire(self, conn: Http1Upstream) -> None:
-        conn.idle_handle = None
-        if conn in self.idle:
-            self.idle.remove(conn)
+    def _expire_idle(self) -> None:
+        """Close the connections idle for ``idle_timeout``; re-arm for the next one."""
+        self._idle_timer = None
+        idle = self.idle
+        t = self.idle_timeout
+        if not idle or not t:
+            return
+        now = time.monotonic()
+        # a timer may fire up to a clock tick early: within 1 ms counts as reached
+        while idle and now - idle[0].last_used >= t - 0.001:
+            conn = idle.pop(0)
             self.cluster.stats.inc("upstream_cx_idle_timeout")
             conn.close()
+        if idle:
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                idle[0].last_used + t - now, self._expire_idle)
 
     def _max_duration_reached(self, conn: Http1Upstream) -> None:
         """``max_connection_duration``: an idle connection closes now, a busy one when
@@ -234,9 +244,6 @@ class Http1Pool:
         self.cluster.stats.inc("upstream_cx_max_duration_reached")
         if conn in self.idle:
             self.idle.remove(conn)
-            if conn.idle_handle is not None:
-                conn.idle_handle.cancel()
-                conn.idle_handle = None
             conn.close()
 
     def _wake_one(self, conn: Http1Upstream | None) -> bool:
@@ -252,9 +259,6 @@ class Http1Pool:
         if not self.idle:
             return False
         conn = self.idle.pop(0)  # the coldest
-        if conn.idle_handle is not None:
-            conn.idle_handle.cancel()
-            conn.idle_handle = None
         conn.close()
         return True
 
@@ -262,6 +266,9 @@ class Http1Pool:
         if retire:
             self.retired = True
         idle, self.idle = self.idle, []
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         for conn in idle:
             conn.close()
 
