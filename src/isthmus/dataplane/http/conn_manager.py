@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
+from random import getrandbits
 from typing import Any
 
 from isthmus.dataplane.envoy.routes import CorsPolicy, FaultPolicy, FilterDisabled
@@ -54,6 +54,19 @@ def _first(v: Any) -> str:
     if v is None:
         return ""
     return v if isinstance(v, str) else (v[0] if v else "")
+
+
+# RFC 4122 version 4 (random) UUID: version nibble 0100 (bits 76-79), variant 10 (bits 62-63)
+_UUID4_KEEP = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def request_id() -> str:
+    """A random v4 UUID string for x-request-id, as ``str(uuid.uuid4())`` but from the
+    ``random`` module (the id is for tracing, not a secret; ~4x cheaper than
+    ``os.urandom`` + ``uuid.UUID``; the module's generator is reseeded in forked workers)."""
+    h = "%032x" % ((getrandbits(128) & _UUID4_KEEP) | _UUID4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 _perf = time.perf_counter
@@ -274,7 +287,7 @@ async def handle_stream(raw: DownstreamStream) -> None:
         if ct is not None and _first(ct).startswith("application/grpc"):
             st.request_protocol = "grpc"
         if hcm.generate_request_id and "x-request-id" not in hdict:
-            hdict["x-request-id"] = str(uuid.uuid4())
+            hdict["x-request-id"] = request_id()
         if "x-forwarded-proto" not in hdict:
             hdict["x-forwarded-proto"] = scheme
         exp = hdict.get("expect")
