@@ -336,8 +336,8 @@ async def handle_stream(raw: DownstreamStream) -> None:
                 if isinstance(pf, FilterDisabled):
                     continue
                 policy = pf if isinstance(pf, FaultPolicy) else f.fault
-                if policy is None:
-                    continue
+                if policy is None or not policy.active:
+                    continue  # an empty HTTPFault: no randoms drawn
                 fd = policy.evaluate(random64(), random64())
                 if fd.delay_s:
                     hs.inc("fault.delays_injected")
