@@ -138,7 +138,7 @@ class Reset(enum.Enum):
     OVERFLOW = "overflow"  # pool/circuit-breaker overflow: never retried
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen (cheaper __init__); never mutated
 class Outcome:
     """What happened to one attempt: a response (status + headers) or a reset."""
 
@@ -163,7 +163,7 @@ class RetryVerdict(enum.Enum):
     OVERFLOW = "overflow"  # circuit breaker max_retries reached
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen (cheaper __init__); never mutated
 class RetryDecision:
     verdict: RetryVerdict
     backoff_s: float = 0.0

@@ -32,6 +32,11 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 Headers = list[tuple[bytes, bytes]]  # what events carry
+
+# Events are plain slots dataclasses, not frozen ones: a frozen ``__init__`` sets each
+# field through ``object.__setattr__`` (~2x the cost, and several events are built per
+# request). Treat them as immutable all the same; ``unsafe_hash`` keeps them hashable
+# (by value) as they were.
 HeadersIn = Sequence[tuple[bytes, bytes]]  # what send_* methods accept
 
 
@@ -66,7 +71,7 @@ class LocalProtocolError(Exception):
     """
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RequestHeaders:
     """A request head arrived (server side).
 
@@ -86,7 +91,7 @@ class RequestHeaders:
     keep_alive: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ResponseHeaders:
     """A final (non-1xx) response head arrived (client side)."""
 
@@ -96,7 +101,7 @@ class ResponseHeaders:
     end_stream: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class InformationalResponse:
     """A 1xx response other than 101 (e.g. ``100 Continue``, ``103 Early Hints``)."""
 
@@ -105,7 +110,7 @@ class InformationalResponse:
     headers: Headers
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Data:
     """Body bytes (or, after ``Upgrade``, tunnelled bytes) for a stream."""
 
@@ -114,7 +119,7 @@ class Data:
     end_stream: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Trailers:
     """Trailing headers (gRPC ``grpc-status``...); the stream ends with them."""
 
@@ -122,7 +127,7 @@ class Trailers:
     headers: Headers
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Upgrade:
     """The stream stopped being HTTP messages and became a byte tunnel.
 
@@ -138,7 +143,7 @@ class Upgrade:
     protocol: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class StreamReset:
     """The stream ended abnormally (RST_STREAM, or an HTTP/1 connection lost mid-message).
 
@@ -151,7 +156,7 @@ class StreamReset:
     remote: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class SendWindowOpened:
     """HTTP/2: data queued by ``send_data`` beyond the flow-control window has all been
     written for this stream; the proxy may read more from the other side (the end of
@@ -160,7 +165,7 @@ class SendWindowOpened:
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class GoAway:
     """HTTP/2 peer sent GOAWAY: streams above ``last_stream_id`` were not processed
     (safe to retry elsewhere); open no new streams on this connection."""
@@ -170,7 +175,7 @@ class GoAway:
     debug_data: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ProtocolError:
     """The peer broke the protocol; the connection is finished.
 
@@ -185,7 +190,7 @@ class ProtocolError:
     status: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ConnectionClosed:
     """The peer closed its side (EOF) or the connection ended cleanly; no more events."""
 
