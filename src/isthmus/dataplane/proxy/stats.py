@@ -85,6 +85,21 @@ class Stats:
         return "".join(f"{k}: {v}\n" for k, v in items)
 
 
+class _Keys(dict[str, str]):
+    """name → prefix + name, each built on first use (``__missing__``), so a hit is a
+    plain dict subscript."""
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def __missing__(self, name: str) -> str:
+        k = self[name] = self.prefix + name
+        return k
+
+
 class Scope:
     """Counters under one prefix; key strings are built once per name."""
 
@@ -93,19 +108,16 @@ class Scope:
     def __init__(self, stats: Stats, prefix: str) -> None:
         self.prefix = prefix if not prefix or prefix.endswith(".") else prefix + "."
         self._values = stats._values
-        self._keys: dict[str, str] = {}
+        self._keys = _Keys(self.prefix)
 
     def _key(self, name: str) -> str:
-        k = self._keys.get(name)
-        if k is None:
-            k = self._keys[name] = self.prefix + name
-        return k
+        return self._keys[name]
 
     def inc(self, name: str, n: int = 1) -> None:
-        self._values[self._key(name)] += n
+        self._values[self._keys[name]] += n
 
     def add(self, name: str, n: int) -> None:  # gauges: +n / -n
-        self._values[self._key(name)] += n
+        self._values[self._keys[name]] += n
 
     def get(self, name: str) -> int:
         return self._values.get(self._key(name), 0)
