@@ -742,10 +742,13 @@ class HostSpec:
     tunnel: tuple[tuple[str, str], ...] = ()
     #: Istio's ``istio.workload`` endpoint metadata ("name;ns;canonical;revision;cluster")
     workload: str = ""
+    #: "ip:port" ("[ip]:port" for IPv6): read per request (pools, stats, outlier
+    #: detection), so computed once here rather than formatted per access
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+    def __post_init__(self) -> None:
+        a = self.address
+        object.__setattr__(self, "key", f"[{a}]:{self.port}" if ":" in a else f"{a}:{self.port}")
 
 
 @dataclass(frozen=True, slots=True)
