@@ -53,7 +53,7 @@ def test_demo_serves_until_interrupted() -> None:
     port = free_port(0)
     proc = subprocess.Popen(
         [sys.executable, "-m", "isthmus", "demo", "--name", name, "--port", str(port),
-         "--http-port", str(free_port(0)), "--requests", "10"],
+         "--http-port", str(free_port(0)), "--requests", "50"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
