@@ -128,3 +128,15 @@ def test_two_providers_istio_shape_picks_the_matching_issuer() -> None:
     assert _eval(req, both, {"authorization": "Bearer " + a.token()}) == J.OK
     assert _eval(req, both, {"authorization": "Bearer " + JwtIssuer().token()}) == \
         J.UNKNOWN_ISSUER
+
+
+def test_alg_none_and_a_key_of_the_wrong_type_are_refused() -> None:
+    """Bad input from the issue: `alg: none` tokens and keys of the wrong type let nothing in."""
+    unsigned = f"{b64u(json.dumps({'alg': 'none', 'typ': 'JWT'}).encode())}." \
+               f"{b64u(json.dumps({'iss': 'x', 'sub': 'alice'}).encode())}."
+    assert J.parse_jwt(unsigned) == J.BAD_ALG
+    rsa, ec = JwtIssuer(alg="RS256"), JwtIssuer(alg="ES256")
+    ec_key = J.parse_jwks(ec.jwks)[0]
+    jwt = J.parse_jwt(rsa.token())
+    assert isinstance(jwt, J.Jwt)
+    assert not J._verify_with(ec_key, "RS256", jwt.signing_input, jwt.signature)
